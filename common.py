@@ -1,0 +1,147 @@
+"""
+The plumbing both training scripts share, kept out of them so each reads as config -> data -> model -> loop:
+flags generated from a dataclass, the device, checksummed downloads, atomic checkpoints, JSON logs.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import urllib.request
+
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing file, wrong checkpoint): printed as one line, exit 2."""
+
+
+def run_main(main):
+    """Call main(); a UserError becomes one line on stderr and exit status 2 instead of a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_flags(cls, argv):
+    """Build the dataclass `cls` from `--key=value` flags. A bare `--flag` sets a bool to True.
+
+    Unknown keys and values of the wrong type raise UserError naming the flag and the expected type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; flags look like --key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if key not in fields:
+            raise UserError(f"unknown flag --{key}; known flags: " + " ".join(f"--{k}" for k in fields))
+        typ = type(fields[key].default)
+        if not eq:
+            if typ is not bool:
+                raise UserError(f"flag --{key} needs a value: --{key}=<{typ.__name__}>")
+            raw = "true"
+        values[key] = convert(key, raw, typ)
+    return cls(**values)
+
+
+def convert(key, raw, typ):
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes"):
+            return True
+        if raw.lower() in ("0", "false", "no"):
+            return False
+        raise UserError(f"bad value for --{key}: {raw!r} is not a bool (use true or false)")
+    try:
+        return typ(raw)
+    except ValueError:
+        raise UserError(f"bad value for --{key}: {raw!r} is not {typ.__name__}") from None
+
+
+def pick_device(name="auto"):
+    """cuda -> mps -> cpu, or the device named."""
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device={name} but CUDA is not available; use --device=auto or --device=cpu")
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, dest, sha256, timeout=30):
+    """Download url to dest, verifying its sha256; nothing is left at dest unless the file is good."""
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(dest)), suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+        got = sha256_of(tmp)
+        if got != sha256:
+            raise UserError(f"downloaded {url} but its sha256 is {got}, expected {sha256}: the file is corrupt "
+                            f"or has changed; nothing was saved")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise UserError(f"could not download {url} ({e}); put a copy at {dest} or pass --data_dir") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train first or point --out_dir at a run folder")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def check_same(saved, current, keys, path):
+    """Raise UserError if the config stored in a checkpoint differs from the current one on any of `keys`."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise UserError(f"checkpoint {path} was made with another config ({'; '.join(diff)}); "
+                        f"pass the same flags or use another --out_dir")
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def fmt_seconds(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,0 +1,276 @@
+"""
+A LLaMA-style GPT in one file: the backbone every language-model idea in nanopapers plugs into.
+
+    x_0      = Embedding(idx)
+    x_{l+1}' = x_l + Attention(RMSNorm(x_l))          attention over RoPE-rotated queries and keys
+    x_{l+1}  = x_{l+1}' + FFN(RMSNorm(x_{l+1}'))       FFN(x) = W2 (silu(W1 x) * W3 x)   (SwiGLU)
+    logits   = W_out RMSNorm(x_L)
+
+RMSNorm:  y = x / sqrt(mean(x^2) + eps) * g
+RoPE:     each pair (x_{2i}, x_{2i+1}) of a head at position p is rotated by the angle p * base^(-2i/d)
+
+The seams that later papers use, each a single place in this file:
+  - the FFN of a block (`Block.ffn`): any module mapping x -> (y, aux), where aux is a dict of auxiliary
+    losses / statistics that GPT.forward hands back to the caller (dense SwiGLU returns an empty dict);
+  - the attention score function (`attend`): softmax through F.scaled_dot_product_attention;
+  - the attention mask (`GPT.forward(..., attn_mask=...)`): causal when None, else a boolean (B, T, S)
+    mask (True = may attend), or one such mask per layer;
+  - the KV cache (`KVCache`): it stores keys BEFORE RoPE and tells the model which positions to rotate
+    queries and keys with, so a cache that evicts tokens (SepCache, SinkCache) can re-number what it keeps.
+
+Choices: no biases anywhere; weights ~ N(0, init_std) with the residual output projections scaled by
+1/sqrt(2 n_layer) (GPT-2's rule); the SwiGLU hidden size defaults to 8/3 d rounded up to a multiple of 64
+so that the FFN has the parameters of a 4d GELU MLP.
+
+Train it:  python train_lm.py
+"""
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 256          # training context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0             # grouped-query attention (n_head a multiple of it); 0 = n_head
+    n_embd: int = 128
+    ffn_hidden: int = 0            # 0 = round_up(8/3 * n_embd, 64)
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for RoPE")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if min(self.vocab_size, self.block_size, self.n_layer, self.n_embd) < 1:
+            raise ValueError("vocab_size, block_size, n_layer and n_embd must all be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # y = x / sqrt(mean(x^2) + eps) * g, computed in fp32 so bf16 activations do not lose the mean
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+def rope(x, pos, base):
+    """Rotate pairs (x_{2i}, x_{2i+1}) of x (B, H, T, D) by angle pos * base^(-2i/D); pos: (T,) positions."""
+    D = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # (D/2,)
+    angle = pos.to(torch.float32)[:, None] * inv_freq[None, :]                             # (T, D/2)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]                                    # (B, H, T, D/2)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)                  # (B, H, T, D/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """The full KV cache: keeps every past key and value.
+
+    The model talks to a cache through two calls, so other caches (SepCache, SinkCache) can implement them:
+      start(idx)            once per forward, before the layers, with the new token ids (B, T). Returns
+                            (q_pos (T,), k_pos (S,), mask (B or 1, T, S) bool, True = may attend), where S is the
+                            cache length once the new tokens are in. A cache may evict here.
+      update(layer, k, v)   k, v: (B, H_kv, T, D), keys NOT yet rotated. Returns all cached (k, v) of that layer,
+                            (B, H_kv, S, D), still unrotated; the model rotates keys with k_pos.
+    Storing keys before RoPE costs one rotation of the cache per step, and lets an evicting cache give its
+    keys positions 0..S-1 inside the cache, which keeps positions within what the model was trained on.
+    """
+
+    def __init__(self, n_layer):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.length = 0       # tokens already cached
+        self.new = 0          # tokens being added by the current forward
+
+    def start(self, idx):
+        T = idx.shape[1]
+        self.new = T
+        S = self.length + T
+        q_pos = torch.arange(self.length, S, device=idx.device)
+        k_pos = torch.arange(S, device=idx.device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None]                                    # (1, T, S)
+        return q_pos, k_pos, mask
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        if layer == len(self.k) - 1:
+            self.length += self.new
+        return k, v
+
+
+def attend(q, k, v, mask, dropout_p=0.0):
+    """Scaled dot-product attention with softmax scores; q (B, H, T, D), k, v (B, H, S, D).
+
+    mask None means causal (T == S); otherwise a boolean (B or 1, T, S) mask, True = may attend.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout_p)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.rope_base = cfg.rope_base
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, q_pos, k_pos, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                        # (B, H_kv, S, D)
+        q, k = rope(q, q_pos, self.rope_base), rope(k, k_pos, self.rope_base)
+        if self.n_kv_head != self.n_head:
+            # grouped-query attention: each group of n_head / n_kv_head query heads shares one key/value head
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)           # (B, H, S, D)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)          # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN. Returns (y, aux) like every FFN that plugs into a Block; dense has no auxiliary loss."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = cfg.ffn_hidden or 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+        self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        # FFN(x) = W2 (silu(W1 x) * W3 x)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)), {}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int, ffn: Optional[nn.Module] = None):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm, self.ffn_norm = RMSNorm(cfg.n_embd), RMSNorm(cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ffn = ffn if ffn is not None else SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, q_pos, k_pos, mask, cache=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), q_pos, k_pos, mask, cache, self.layer))
+        h, aux = self.ffn(self.ffn_norm(x))
+        return x + self.drop(h), aux
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor            # (B, T, vocab_size)
+    loss: Optional[torch.Tensor]    # mean cross-entropy over targets != -1, or None without targets
+    aux: dict                       # per-layer auxiliary outputs of the FFNs: {"name": [layer0, layer1, ...]}
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig, ffns: Optional[list] = None):
+        """ffns: optional list of n_layer FFN modules (a later paper's MoE layers); default dense SwiGLU."""
+        super().__init__()
+        self.config = cfg
+        if ffns is not None and len(ffns) != cfg.n_layer:
+            raise ValueError(f"got {len(ffns)} FFN modules for n_layer={cfg.n_layer}")
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, l, ffns[l] if ffns else None) for l in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.wo.weight", "ffn.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, attn_mask=None, cache=None):
+        """idx (B, T) token ids. attn_mask: None (causal), a bool (B or 1, T, T) mask, or a list of n_layer masks.
+        cache: a KVCache-like object; it then decides positions and the mask, and attn_mask must be None."""
+        B, T = idx.shape
+        if cache is not None:
+            if attn_mask is not None:
+                raise ValueError("pass either a cache (which builds its own mask) or attn_mask, not both")
+            q_pos, k_pos, attn_mask = cache.start(idx)
+        else:
+            q_pos = k_pos = torch.arange(T, device=idx.device)
+        masks = attn_mask if isinstance(attn_mask, (list, tuple)) else [attn_mask] * len(self.blocks)
+        x = self.drop(self.tok_emb(idx))                                            # (B, T, C)
+        aux = {}
+        for block, mask in zip(self.blocks, masks):
+            x, block_aux = block(x, q_pos, k_pos, mask, cache)
+            for name, value in block_aux.items():
+                aux.setdefault(name, []).append(value)
+        logits = self.lm_head(self.norm(x))                                         # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return GPTOutput(logits, loss, aux)
+
+    def optimizer_groups(self, weight_decay):
+        """AdamW groups: decay matrices (linear and embedding weights), not the norm gains."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad}.values()
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cache=None, generator=None):
+        """Continue idx (B, T) by max_new_tokens tokens with a KV cache (a fresh full KVCache by default).
+
+        temperature 0 is greedy decoding. The full cache does not crop the context: past block_size the model
+        sees positions it was never trained on; an evicting cache (SepCache, SinkCache) keeps them bounded."""
+        cache = cache if cache is not None else KVCache(len(self.blocks))
+        logits = self(idx, cache=cache).logits[:, -1]
+        out = [idx]
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            out.append(nxt)
+            if step + 1 < max_new_tokens:
+                logits = self(nxt, cache=cache).logits[:, -1]
+        return torch.cat(out, dim=1)

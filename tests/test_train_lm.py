@@ -1,0 +1,160 @@
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from common import UserError, download, parse_flags
+from train_lm import TrainConfig, prepare_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "".join(f"Line {i}: to be, or not to be; that is the question.\n" for i in range(300))
+SMALL = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
+         "--eval_interval=10", "--log_interval=5", "--warmup_iters=3", "--lr_decay_iters=20"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data" / "shakespeare"
+    d.mkdir(parents=True)
+    (d / "input.txt").write_text(TEXT)
+    return tmp_path
+
+
+def run(args, tmp_path, *, torchrun=0):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = [f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}", *SMALL, *args]
+    cmd = [sys.executable, "train_lm.py", *flags]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "train_lm.py", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def train_losses(out_dir):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["iter"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_flags_reject_unknown_key_and_wrong_type():
+    @dataclass
+    class C:
+        n: int = 1
+        lr: float = 0.1
+        name: str = "a"
+        flag: bool = False
+
+    c = parse_flags(C, ["--n=3", "--lr=1e-3", "--name=b", "--flag"])
+    assert (c.n, c.lr, c.name, c.flag) == (3, 1e-3, "b", True)
+    with pytest.raises(UserError, match="unknown flag --m"):
+        parse_flags(C, ["--m=1"])
+    with pytest.raises(UserError, match="--n: '1.5' is not int"):
+        parse_flags(C, ["--n=1.5"])
+    with pytest.raises(UserError, match="not a bool"):
+        parse_flags(C, ["--flag=maybe"])
+    with pytest.raises(UserError, match="needs a value"):
+        parse_flags(C, ["--n"])
+
+
+def test_script_bad_flag_is_one_line_and_exit_2(tmp_path):
+    for bad in (["--no_such_flag=1"], ["--max_iters=ten"], ["--n_head=3"], ["--dataset=wiki"]):
+        r = subprocess.run([sys.executable, "train_lm.py", *bad], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
+def test_prepare_data_from_local_copy(data_dir):
+    cfg = TrainConfig(data_dir=str(data_dir / "data"), cache_dir=str(data_dir / "cache"), block_size=16)
+    data, tok = prepare_data(cfg)
+    n = int(0.9 * len(TEXT))
+    assert tok.decode(data["train"].tolist()) == TEXT[:n]
+    assert tok.decode(data["val"].tolist()) == TEXT[n:]
+    assert data["train"].dtype == np.uint16 and tok.vocab_size == len(set(TEXT))
+    os.chmod(data_dir / "data" / "shakespeare", 0o555)  # the local copy may be read-only: nothing is written there
+    assert os.listdir(data_dir / "data" / "shakespeare") == ["input.txt"]
+
+
+def test_prepare_data_missing_local_copy(tmp_path):
+    cfg = TrainConfig(data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="has no shakespeare/input.txt"):
+        prepare_data(cfg)
+
+
+class _Server:
+    def __init__(self, payload):
+        payload_ = payload
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload_)))
+                self.end_headers()
+                self.wfile.write(payload_)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/input.txt"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_download_verifies_checksum_and_leaves_nothing_behind(tmp_path):
+    good = TEXT.encode()
+    sha = hashlib.sha256(good).hexdigest()
+    server = _Server(good)
+    try:
+        dest = tmp_path / "dl" / "input.txt"
+        download(server.url, str(dest), sha)
+        assert dest.read_bytes() == good
+    finally:
+        server.close()
+    server = _Server(good[:-10] + b"corrupted!")
+    try:
+        dest2 = tmp_path / "dl2" / "input.txt"
+        with pytest.raises(UserError, match="sha256"):
+            download(server.url, str(dest2), sha)
+        assert os.listdir(dest2.parent) == []  # no partial or corrupt file left behind
+    finally:
+        server.close()
+    with pytest.raises(UserError, match="could not download"):
+        download("http://127.0.0.1:9/nothing", str(tmp_path / "dl3" / "x"), sha)
+
+
+def test_resume_reproduces_uninterrupted_run(data_dir):
+    full, part = data_dir / "full", data_dir / "part"
+    r = run([f"--out_dir={full}", "--max_iters=20"], data_dir)
+    assert r.returncode == 0, r.stderr
+    r = run([f"--out_dir={part}", "--max_iters=10"], data_dir)
+    assert r.returncode == 0, r.stderr
+    r = run([f"--out_dir={part}", "--max_iters=20", "--resume"], data_dir)
+    assert r.returncode == 0, r.stderr
+    a, b = train_losses(full), train_losses(part)
+    assert [k for k in b if k > 10 and k in a] == [15, 20]
+    for it in (15, 20):
+        assert a[it] == b[it], (it, a[it], b[it])
+    # a checkpoint from another model shape is refused with a clear message
+    r = run([f"--out_dir={part}", "--max_iters=30", "--resume", "--n_embd=64"], data_dir)
+    assert r.returncode == 2 and "another config" in r.stderr and "n_embd" in r.stderr
+
+
+def test_two_process_ddp_matches_grad_accumulation(data_dir):
+    one, two = data_dir / "one", data_dir / "two"
+    r = run([f"--out_dir={one}", "--max_iters=10", "--grad_accum=2"], data_dir)
+    assert r.returncode == 0, r.stderr
+    r = run([f"--out_dir={two}", "--max_iters=10", "--grad_accum=1"], data_dir, torchrun=2)
+    assert r.returncode == 0, r.stderr
+    s1 = json.load(open(one / "summary.json"))
+    s2 = json.load(open(two / "summary.json"))
+    # the same data and the same averaged gradient; only float summation order differs
+    assert abs(s1["final_val_loss"] - s2["final_val_loss"]) < 1e-4
+    assert s2["world_size"] == 2
