@@ -12,7 +12,8 @@ RoPE:     each pair (x_{2i}, x_{2i+1}) of a head at position p is rotated by the
 The seams that later papers use, each a single place in this file:
   - the FFN of a block (`Block.ffn`): any module mapping x -> (y, aux), where aux is a dict of auxiliary
     losses / statistics that GPT.forward hands back to the caller (dense SwiGLU returns an empty dict);
-  - the attention score function (`attend`): softmax through F.scaled_dot_product_attention;
+  - the attention score function (`attend`): softmax through F.scaled_dot_product_attention, or
+    Self-Adjust Softmax (sa_softmax.py) with `attn_score="sa" | "sa_norm"`;
   - the attention mask (`GPT.forward(..., attn_mask=...)`): causal when None, else a boolean (B, T, S)
     mask (True = may attend), or one such mask per layer;
   - the KV cache (`KVCache`): it stores keys BEFORE RoPE and tells the model which positions to rotate
@@ -32,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sa_softmax import sa_attention
+
 
 @dataclass
 class GPTConfig:
@@ -46,6 +49,7 @@ class GPTConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     dropout: float = 0.0
+    attn_score: str = "softmax"    # softmax (SDPA) | sa | sa_norm (Self-Adjust Softmax, sa_softmax.py)
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -57,6 +61,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if min(self.vocab_size, self.block_size, self.n_layer, self.n_embd) < 1:
             raise ValueError("vocab_size, block_size, n_layer and n_embd must all be >= 1")
+        if self.attn_score not in ("softmax", "sa", "sa_norm"):
+            raise ValueError(f"attn_score={self.attn_score!r} must be softmax, sa or sa_norm")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -122,11 +128,14 @@ class KVCache:
         return k, v
 
 
-def attend(q, k, v, mask, dropout_p=0.0):
-    """Scaled dot-product attention with softmax scores; q (B, H, T, D), k, v (B, H, S, D).
+def attend(q, k, v, mask, score="softmax", dropout_p=0.0):
+    """Scaled dot-product attention; q (B, H, T, D), k, v (B, H, S, D).
 
     mask None means causal (T == S); otherwise a boolean (B or 1, T, S) mask, True = may attend.
+    score: softmax through SDPA (fused where the backend has a kernel), or SA-Softmax (sa, sa_norm), eager.
     """
+    if score != "softmax":
+        return sa_attention(q, k, v, mask, normalized=score == "sa_norm", dropout_p=dropout_p)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout_p)
@@ -139,6 +148,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.n_embd // cfg.n_head
         self.rope_base = cfg.rope_base
         self.dropout = cfg.dropout
+        self.score = cfg.attn_score
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
@@ -156,7 +166,7 @@ class Attention(nn.Module):
             # grouped-query attention: each group of n_head / n_kv_head query heads shares one key/value head
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)           # (B, H, S, D)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)          # (B, H, T, D)
+        y = attend(q, k, v, mask, self.score, self.dropout if self.training else 0.0)          # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -32,7 +32,7 @@ from gpt import GPT, GPTConfig
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 MODEL_KEYS = ("dataset", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "rope_base",
-              "tie_embeddings")
+              "tie_embeddings", "attn_score")
 
 
 @dataclass
@@ -53,6 +53,7 @@ class TrainConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     dropout: float = 0.0
+    attn_score: str = "softmax"         # softmax | sa | sa_norm (Self-Adjust Softmax)
     # optimisation
     batch_size: int = 12                # sequences per micro-batch per process
     grad_accum: int = 1
@@ -205,11 +206,9 @@ def estimate_loss(model, data, cfg, device, autocast):
     return out
 
 
-def build_model(cfg, vocab_size):
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, ffn_hidden=cfg.ffn_hidden,
-                         rope_base=cfg.rope_base, tie_embeddings=cfg.tie_embeddings, init_std=cfg.init_std,
-                         dropout=cfg.dropout))
+def model_config(cfg, vocab_size):
+    return GPTConfig(vocab_size=vocab_size, init_std=cfg.init_std, dropout=cfg.dropout,
+                     **{k: getattr(cfg, k) for k in MODEL_KEYS if k != "dataset"})
 
 
 def sample(cfg):
@@ -219,7 +218,7 @@ def sample(cfg):
     saved = ckpt["config"]
     cfg_model = TrainConfig(**{k: saved[k] for k in MODEL_KEYS})
     tok = Tokenizer(saved["dataset"], ckpt["chars"])
-    model = build_model(cfg_model, tok.vocab_size).to(device)
+    model = GPT(model_config(cfg_model, tok.vocab_size)).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
     idx = torch.tensor([tok.encode(cfg.prompt)], dtype=torch.long, device=device)
@@ -245,7 +244,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed + rank)
 
     data, tok = prepare_data(cfg)
-    model = build_model(cfg, tok.vocab_size).to(device)
+    model = GPT(model_config(cfg, tok.vocab_size)).to(device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
     # every process draws the same global batch from one generator and takes its slice of it
@@ -347,8 +346,7 @@ def main():
         if getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
     try:
-        GPTConfig(vocab_size=1, **{k: getattr(cfg, k) for k in MODEL_KEYS if k != "dataset"},
-                  init_std=cfg.init_std, dropout=cfg.dropout)
+        model_config(cfg, vocab_size=1)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
