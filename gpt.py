@@ -170,12 +170,16 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
+def ffn_hidden_size(cfg: GPTConfig):
+    return cfg.ffn_hidden or 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+
+
 class SwiGLU(nn.Module):
     """The dense FFN. Returns (y, aux) like every FFN that plugs into a Block; dense has no auxiliary loss."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        hidden = cfg.ffn_hidden or 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+        hidden = ffn_hidden_size(cfg)
         self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)
         self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)

@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -27,12 +27,15 @@ import torch.distributed as dist
 
 from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
                     pick_device, run_main, save_atomic, sha256_of, write_json)
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, ffn_hidden_size
+from unipool import MoE, aux_losses, build_moe_layers, random_routing
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-MODEL_KEYS = ("dataset", "n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "rope_base",
-              "tie_embeddings", "attn_score")
+GPT_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "rope_base", "tie_embeddings",
+            "attn_score")
+MOE_KEYS = ("ffn", "n_experts", "pool_size", "pool_groups", "top_k", "router", "expert_split")
+MODEL_KEYS = ("dataset",) + GPT_KEYS + MOE_KEYS
 
 
 @dataclass
@@ -54,6 +57,18 @@ class TrainConfig:
     init_std: float = 0.02
     dropout: float = 0.0
     attn_score: str = "softmax"         # softmax | sa | sa_norm (Self-Adjust Softmax)
+    # mixture of experts (unipool.py)
+    ffn: str = "dense"                  # dense | moe (each layer owns n_experts) | unipool (a shared pool)
+    n_experts: int = 8                  # experts per layer (moe), and the unit of unipool's default budget
+    pool_size: int = 0                  # unipool: experts in all pools together; 0 = n_experts * n_layer
+    pool_groups: int = 1                # unipool: pools, each shared by n_layer / pool_groups adjacent layers
+    top_k: int = 1
+    router: str = "auto"                # softmax | norm; auto = softmax for moe, norm for unipool
+    expert_split: int = 1               # fine-grained experts: m times narrower, m times as many, top m*k
+    aux_loss: str = "auto"              # switch (per layer) | pool | none; auto = switch for moe, pool for unipool
+    aux_coef: float = 0.01
+    zloss_coef: float = 0.0
+    probe_router: str = ""              # with a checkpoint: "all" or a layer: val loss with random routing there
     # optimisation
     batch_size: int = 12                # sequences per micro-batch per process
     grad_accum: int = 1
@@ -80,7 +95,7 @@ class TrainConfig:
     prompt: str = "\n"
     max_new_tokens: int = 500
     temperature: float = 0.8
-    top_k: int = 200
+    sample_top_k: int = 200
 
 
 # ----------------------------------------------------------------------------- data
@@ -208,23 +223,67 @@ def estimate_loss(model, data, cfg, device, autocast):
 
 def model_config(cfg, vocab_size):
     return GPTConfig(vocab_size=vocab_size, init_std=cfg.init_std, dropout=cfg.dropout,
-                     **{k: getattr(cfg, k) for k in MODEL_KEYS if k != "dataset"})
+                     **{k: getattr(cfg, k) for k in GPT_KEYS})
+
+
+def build_model(cfg, vocab_size):
+    """The GPT, with MoE layers as its FFNs when --ffn is moe or unipool."""
+    gcfg = model_config(cfg, vocab_size)
+    if cfg.ffn == "dense":
+        return GPT(gcfg)
+    router = cfg.router if cfg.router != "auto" else ("softmax" if cfg.ffn == "moe" else "norm")
+    return GPT(gcfg, build_moe_layers(cfg.ffn, cfg.n_layer, cfg.n_embd, ffn_hidden_size(gcfg), cfg.n_experts,
+                                      cfg.pool_size, cfg.pool_groups, cfg.top_k, router, cfg.expert_split,
+                                      cfg.init_std))
+
+
+def moe_layers(model):
+    return [b.ffn for b in model.blocks] if isinstance(model.blocks[0].ffn, MoE) else []
+
+
+def param_report(model):
+    """Total, expert and active-per-token parameter counts (a shared pool is counted once)."""
+    total = model.num_params()
+    layers = moe_layers(model)
+    pools = {id(l.pool): l.pool for l in layers}.values()
+    expert = sum(p.numel() for pool in pools for p in pool.parameters())
+    active = total - expert + sum(l.router.top_k * sum(p[0].numel() for p in l.pool.parameters()) for l in layers)
+    return f"{total / 1e6:.2f}M parameters ({expert / 1e6:.2f}M in experts, {active / 1e6:.2f}M active per token)"
+
+
+def load_trained(cfg):
+    """The model of out_dir/ckpt_best.pt, its tokenizer and its training config."""
+    device = pick_device(cfg.device)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_best.pt"), device)
+    saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    model = build_model(saved, Tokenizer(saved.dataset, ckpt["chars"]).vocab_size).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), Tokenizer(saved.dataset, ckpt["chars"]), saved, device
 
 
 def sample(cfg):
-    device = pick_device(cfg.device)
-    path = os.path.join(cfg.out_dir, "ckpt_best.pt")
-    ckpt = load_checkpoint(path, device)
-    saved = ckpt["config"]
-    cfg_model = TrainConfig(**{k: saved[k] for k in MODEL_KEYS})
-    tok = Tokenizer(saved["dataset"], ckpt["chars"])
-    model = GPT(model_config(cfg_model, tok.vocab_size)).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model, tok, _, device = load_trained(cfg)
     idx = torch.tensor([tok.encode(cfg.prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=gen)
+    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.sample_top_k, generator=gen)
     print(tok.decode(out[0].tolist()))
+
+
+def probe_router(cfg):
+    """UniPool's routing probe: Δ val loss when a layer's learned router is replaced by uniform random routing."""
+    model, _, saved, device = load_trained(cfg)
+    layers = moe_layers(model)
+    if not layers:
+        raise UserError(f"--probe_router needs a MoE checkpoint; {cfg.out_dir} was trained with --ffn=dense")
+    which = range(len(layers)) if cfg.probe_router == "all" else [int(cfg.probe_router)]
+    saved = replace(saved, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, eval_iters=cfg.eval_iters)
+    data, _ = prepare_data(saved)
+    base = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
+    print(f"| layer routed at random | val loss | Δ val loss |\n|---|---|---|\n| none | {base:.4f} | |")
+    for l in which:
+        with random_routing(layers, [l], seed=cfg.seed):
+            val = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
+        print(f"| {l} | {val:.4f} | {val - base:+.4f} |")
 
 
 def train(cfg):
@@ -244,7 +303,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed + rank)
 
     data, tok = prepare_data(cfg)
-    model = GPT(model_config(cfg, tok.vocab_size)).to(device)
+    model = build_model(cfg, tok.vocab_size).to(device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
     # every process draws the same global batch from one generator and takes its slice of it
@@ -272,9 +331,11 @@ def train(cfg):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
 
     n_params = raw_model.num_params()
+    layers = moe_layers(raw_model)
+    aux_kind = cfg.aux_loss if cfg.aux_loss != "auto" else ("switch" if cfg.ffn == "moe" else "pool")
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     if master:
-        print(f"{n_params / 1e6:.2f}M parameters | {tokens_per_iter} tokens/iter | device {device} x{world} | "
+        print(f"{param_report(raw_model)} | {tokens_per_iter} tokens/iter | device {device} x{world} | "
               f"{torch.get_num_threads()} threads")
 
     def checkpoint(it, path):
@@ -304,14 +365,16 @@ def train(cfg):
         if it == cfg.max_iters:
             break
         x, y = get_batch(data["train"], cfg.batch_size * cfg.grad_accum * world, cfg.block_size, gen)
-        loss_sum = 0.0
+        loss_sum = aux_sum = 0.0
         for micro in range(cfg.grad_accum):
             rows = slice((rank * cfg.grad_accum + micro) * cfg.batch_size, (rank * cfg.grad_accum + micro + 1) * cfg.batch_size)
             sync = not ddp or micro == cfg.grad_accum - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                loss = model(x[rows].to(device), y[rows].to(device)).loss / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+                out = model(x[rows].to(device), y[rows].to(device))
+                aux = aux_losses(layers, out.aux, aux_kind, cfg.aux_coef, cfg.zloss_coef) if layers else 0.0
+            ((out.loss + aux) / cfg.grad_accum).backward()
+            loss_sum += out.loss.item() / cfg.grad_accum
+            aux_sum += float(aux.detach() if torch.is_tensor(aux) else aux) / cfg.grad_accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -321,9 +384,10 @@ def train(cfg):
             dt = (time.time() - t_log) / (cfg.log_interval if it > start_iter else 1)
             t_log = time.time()
             eta = (time.time() - t_start) / done * (cfg.max_iters - it - 1)
-            print(f"iter {it + 1} | loss {loss_sum:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+            print(f"iter {it + 1} | loss {loss_sum:.4f}" + (f" (aux {aux_sum:.4f})" if layers else "") + f" | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                   f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_seconds(eta)}")
-            append_jsonl(metrics_path, {"iter": it + 1, "loss": loss_sum, "lr": lr, "ms_per_iter": dt * 1000})
+            append_jsonl(metrics_path, {"iter": it + 1, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr,
+                                        "ms_per_iter": dt * 1000})
 
     if master:
         wall = time.time() - t_start
@@ -345,13 +409,27 @@ def main():
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "block_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
+    choices = {"ffn": ("dense", "moe", "unipool"), "router": ("auto", "softmax", "norm"),
+               "aux_loss": ("auto", "switch", "pool", "none")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(allowed)}")
+    if cfg.probe_router not in ("", "all") and not cfg.probe_router.isdigit():
+        raise UserError(f"--probe_router={cfg.probe_router} must be all or a layer number")
+    if cfg.probe_router.isdigit() and int(cfg.probe_router) >= cfg.n_layer:
+        raise UserError(f"--probe_router={cfg.probe_router} but the model has layers 0..{cfg.n_layer - 1}")
     try:
-        model_config(cfg, vocab_size=1)
+        build_model(cfg, vocab_size=1) if cfg.ffn != "dense" else model_config(cfg, vocab_size=1)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
         raise UserError(f"--resume but {cfg.out_dir}/ckpt_last.pt does not exist; drop --resume or fix --out_dir")
-    sample(cfg) if cfg.sample else train(cfg)
+    if cfg.sample:
+        sample(cfg)
+    elif cfg.probe_router:
+        probe_router(cfg)
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

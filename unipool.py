@@ -1,0 +1,207 @@
+"""
+UniPool: one pool of experts shared by every layer, each layer with its own router.
+Paper: "UniPool: A Globally Shared Expert Pool for Mixture-of-Experts", arXiv:2605.06665.
+
+A vanilla MoE gives each layer its own E experts, so expert parameters grow linearly with depth. Yet replacing
+a deep layer's learned router with uniform random routing barely hurts production MoE models: per-layer expert
+sets are redundant. UniPool makes expert capacity one global budget: a single pool of M experts that every
+layer's router draws from. An expert's gradient is then the sum of what every layer sent it. To keep the
+shared pool balanced the per-layer Switch loss is replaced by one pool-level loss, and NormRouter
+(normrouter.py) keeps routing sparse and scale-stable across layers.
+
+    vanilla:  FFN_l(x) = Σ_{i ∈ TopK(r_l(x))} g_{l,i}(x) · e_{l,i}(x)      each layer owns e_{l,1..E}
+    UniPool:  FFN_l(x) = Σ_{i ∈ TopK(r_l(x))} g_{l,i}(x) · e_i(x)          one pool e_1..e_M for all layers
+    f_i^(l) = (#tokens of layer l routed to i) / (T·k),   P_i^(l) = (1/T) Σ_t s_{t,i}^(l)
+    L_switch^(l) = α · E · Σ_i f_i^(l) · P_i^(l)                            (per layer, vanilla)
+    L_pool       = α · M · Σ_i f̄_i · P̄_i,   f̄ = mean_l f^(l) (no gradient),  P̄ = mean_l P^(l)
+
+Variants: grouped pools (every G adjacent layers share a pool), reduced pools (M < E·L), fine-grained experts
+(each expert split m ways: hidden/m wide, top m·k).
+
+Dispatch: the T·k (token, expert) assignments are sorted by expert so each expert multiplies one contiguous
+block of rows (a grouped matmul; kernels/ will give it a GPU kernel); outputs are un-sorted with a gather and
+summed over k through a view, so no scatter-add with repeated indices (deterministic).
+
+Choices: the auxiliary losses are summed over layers (Switch) and over pools (pool loss, one term per
+group of layers); f̄ comes from the current batch's detached counts; the routing probe keeps the learned
+router's gate values and draws the experts uniformly at random.
+
+Train it:  python train_lm.py --ffn=unipool --pool_size=32 --router=norm
+"""
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from normrouter import NormRouter, RouterOutput, SoftmaxRouter, router_z_loss
+
+
+class ExpertPool(nn.Module):
+    """M SwiGLU experts with weights stacked as (M, in, out) tensors, so dispatch is a grouped matmul."""
+
+    def __init__(self, n_experts, dim, hidden, init_std=0.02, out_std=0.02):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.randn(n_experts, dim, hidden) * init_std)
+        self.w3 = nn.Parameter(torch.randn(n_experts, dim, hidden) * init_std)
+        self.w2 = nn.Parameter(torch.randn(n_experts, hidden, dim) * out_std)
+
+
+def grouped_mm(x, w, offsets):
+    """y[rows of e] = x[rows of e] @ w[e], rows sorted by expert; offsets (M+1,) delimit each expert's rows.
+
+    split/unbind rather than slicing x[a:b] and w[e]: their backwards are one cat and one stack, where
+    slicing would allocate a full-size zero gradient of w for every expert."""
+    x_e = x.split(offsets.diff().tolist())                                        # M blocks of rows
+    return torch.cat([xe @ we for xe, we in zip(x_e, w.unbind(0))], dim=0)
+
+
+def sort_by_expert(indices, n_experts):
+    """(T, k) expert indices -> order (T·k,) that sorts assignments by expert, and offsets (M+1,)."""
+    flat = indices.reshape(-1)                                                    # (T·k,)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
+    return order, counts, offsets
+
+
+class MoE(nn.Module):
+    """One MoE layer: its own router, and a reference to a pool that other layers may share."""
+
+    def __init__(self, router, pool):
+        super().__init__()
+        self.router, self.pool = router, pool
+
+    def forward(self, x):
+        B, T, d = x.shape
+        h = x.reshape(-1, d)                                                      # (N, d), N = B·T tokens
+        r: RouterOutput = self.router(h)
+        k = r.indices.shape[1]
+        order, counts, offsets = sort_by_expert(r.indices, self.pool.n_experts)
+        xs = h[order // k]                                                        # (N·k, d) rows sorted by expert
+        # e_i(x) = W2 (silu(W1 x) * W3 x), one grouped matmul per weight
+        a = F.silu(grouped_mm(xs, self.pool.w1, offsets)) * grouped_mm(xs, self.pool.w3, offsets)
+        ys = grouped_mm(a, self.pool.w2, offsets)                                 # (N·k, d)
+        inverse = torch.argsort(order)                                            # un-sort with a gather
+        y = ys[inverse].view(-1, k, d)                                            # (N, k, d)
+        # FFN(x) = Σ_{i ∈ TopK} g_i(x) · e_i(x)
+        y = (r.gates.to(y.dtype).unsqueeze(-1) * y).sum(1)                        # (N, d)
+        return y.view(B, T, d), {"scores": r.scores, "counts": counts, "logits": r.logits}
+
+
+def build_moe_layers(kind, n_layer, dim, hidden, n_experts=8, pool_size=0, pool_groups=1, top_k=1,
+                     router="softmax", expert_split=1, init_std=0.02):
+    """The n_layer FFN modules of a MoE model. kind: "moe" (each layer owns n_experts) or "unipool" (pool_groups
+    pools of pool_size experts in all, each shared by n_layer/pool_groups adjacent layers; pool_size 0 =
+    n_experts·n_layer, the vanilla budget). expert_split m: m-times narrower experts, m times as many, top m·k."""
+    m = expert_split
+    if kind not in ("moe", "unipool"):
+        raise ValueError(f"ffn kind must be moe or unipool, got {kind!r}")
+    if router not in ("softmax", "norm"):
+        raise ValueError(f"router must be softmax or norm, got {router!r}")
+    if min(n_experts, top_k, m, pool_groups) < 1 or pool_size < 0:
+        raise ValueError("n_experts, top_k, expert_split, pool_groups must be >= 1 and pool_size >= 0")
+    if hidden % m:
+        raise ValueError(f"expert hidden size {hidden} is not divisible by expert_split={m}")
+    if kind == "moe":
+        pools, per_pool = [ExpertPool(n_experts * m, dim, hidden // m, init_std, init_std / math.sqrt(2 * n_layer))
+                           for _ in range(n_layer)], n_experts * m
+        layer_pool = list(range(n_layer))
+    else:
+        if n_layer % pool_groups:
+            raise ValueError(f"n_layer={n_layer} is not divisible by pool_groups={pool_groups}")
+        total = (pool_size or n_experts * n_layer) * m
+        if total % pool_groups:
+            raise ValueError(f"pool_size={total // m} is not divisible by pool_groups={pool_groups}")
+        per_pool = total // pool_groups
+        pools = [ExpertPool(per_pool, dim, hidden // m, init_std, init_std / math.sqrt(2 * n_layer))
+                 for _ in range(pool_groups)]
+        layer_pool = [l * pool_groups // n_layer for l in range(n_layer)]
+    if top_k * m > per_pool:
+        raise ValueError(f"top_k={top_k * m} (after expert_split) exceeds the {per_pool} experts a layer can reach")
+    make_router = NormRouter if router == "norm" else SoftmaxRouter
+    layers = []
+    for l in range(n_layer):
+        r = make_router(dim, per_pool, top_k * m)
+        nn.init.normal_(r.W.weight, std=init_std)
+        layers.append(MoE(r, pools[layer_pool[l]]))
+    return layers
+
+
+# ----------------------------------------------------------------------------- losses (returned to the caller)
+
+def load_stats(scores, counts, top_k):
+    """f_i = counts_i / (T·k) (a count: no gradient) and P_i = mean_t s_ti, both in fp32."""
+    f = counts.float() / (scores.shape[0] * top_k)
+    P = scores.float().mean(0)
+    return f, P
+
+
+def switch_loss(scores, counts, top_k):
+    """L_switch^(l) = E · Σ_i f_i · P_i  (times α by the caller); minimum 1 at perfectly uniform routing."""
+    f, P = load_stats(scores, counts, top_k)
+    return scores.shape[1] * (f * P).sum()
+
+
+def pool_loss(scores_per_layer, counts_per_layer, top_k):
+    """L_pool = M · Σ_i f̄_i · P̄_i with f̄, P̄ averaged over the layers that share the pool (times α)."""
+    stats = [load_stats(s, c, top_k) for s, c in zip(scores_per_layer, counts_per_layer)]
+    f_bar = torch.stack([f for f, _ in stats]).mean(0)
+    P_bar = torch.stack([P for _, P in stats]).mean(0)
+    return scores_per_layer[0].shape[1] * (f_bar * P_bar).sum()
+
+
+def aux_losses(model_layers, aux, loss_kind, aux_coef, zloss_coef):
+    """The auxiliary loss of one forward. model_layers: the MoE modules in layer order; aux: GPT.forward's dict.
+    loss_kind: "switch" (per layer), "pool" (per pool, over the layers sharing it) or "none"."""
+    total = torch.zeros((), device=aux["scores"][0].device)
+    top_k = model_layers[0].router.top_k
+    if loss_kind == "switch":
+        total = total + aux_coef * sum(switch_loss(s, c, top_k) for s, c in zip(aux["scores"], aux["counts"]))
+    elif loss_kind == "pool":
+        groups = {}
+        for l, layer in enumerate(model_layers):
+            groups.setdefault(id(layer.pool), []).append(l)
+        for ls in groups.values():
+            total = total + aux_coef * pool_loss([aux["scores"][l] for l in ls], [aux["counts"][l] for l in ls], top_k)
+    if zloss_coef:
+        total = total + zloss_coef * sum(router_z_loss(z) for z in aux["logits"])
+    return total
+
+
+# ----------------------------------------------------------------------------- analysis
+
+class UniformRouter(nn.Module):
+    """The routing probe: the learned router's top-k gate values, but experts drawn uniformly at random."""
+
+    def __init__(self, learned, n_experts, generator=None):
+        super().__init__()
+        self.learned, self.n_experts, self.generator, self.top_k = learned, n_experts, generator, learned.top_k
+
+    def forward(self, h):
+        r = self.learned(h)
+        # k distinct experts per token, uniformly: the first k of a random permutation
+        noise = torch.rand(h.shape[0], self.n_experts, generator=self.generator).to(h.device)
+        indices = noise.topk(self.top_k, dim=-1).indices
+        return RouterOutput(r.gates, indices, r.scores, r.logits)
+
+
+@contextlib.contextmanager
+def random_routing(moe_layers, layers, seed=0):
+    """Within the block, the given layers route uniformly at random (see UniformRouter)."""
+    g = torch.Generator().manual_seed(seed)
+    saved = {l: moe_layers[l].router for l in layers}
+    try:
+        for l in layers:
+            moe_layers[l].router = UniformRouter(saved[l], moe_layers[l].pool.n_experts, g)
+        yield
+    finally:
+        for l, r in saved.items():
+            moe_layers[l].router = r
+
+
+def expert_usage(aux):
+    """Per-layer token counts per expert, (L, M) as a list of lists, for logs and the probe report."""
+    return [c.tolist() for c in aux["counts"]]
