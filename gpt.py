@@ -109,6 +109,9 @@ class KVCache:
         self.length = 0       # tokens already cached
         self.new = 0          # tokens being added by the current forward
 
+    def __len__(self):
+        return self.length
+
     def start(self, idx):
         T = idx.shape[1]
         self.new = T

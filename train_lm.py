@@ -24,10 +24,13 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
                     pick_device, run_main, save_atomic, sha256_of, write_json)
-from gpt import GPT, GPTConfig, ffn_hidden_size
+from gpt import GPT, GPTConfig, KVCache, ffn_hidden_size
+from sepllm import (SEPARATORS, STREAMING_SEPARATORS, SepCache, SinkCache, fixed_interval_mask, kept_fraction,
+                    layer_masks, separator_ids, sepllm_mask, streaming_mask)
 from unipool import MoE, aux_losses, build_moe_layers, random_routing
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -90,6 +93,18 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     resume: bool = False                # continue from out_dir/ckpt_last.pt
+    # sparse attention (sepllm.py)
+    attn_mask: str = "full"             # full | sepllm | streaming | fixed (FixLLM: every 5th token kept)
+    n_init: int = 3                     # sink tokens a
+    n_local: int = 64                   # local window w
+    layer_windows: str = ""             # per-layer windows, e.g. 0,64,64,0 (0 = full); "" = n_local everywhere
+    # evaluation modes on out_dir/ckpt_best.pt (no training)
+    eval_mask: str = ""                 # val loss under this mask (training-free), with its kept fraction
+    stream: str = ""                    # sepcache | sink | full: the val split as one stream, a token a step
+    stream_repeat: int = 1              # the stream is the val split repeated this many times ...
+    stream_tokens: int = 0              # ... cut to this many tokens (0 = all)
+    sep_size: int = 64                  # SepCache: separators kept, s
+    cache_capacity: int = 800           # SepCache / SinkCache: capacity c
     # sampling (--sample: generate from out_dir/ckpt_best.pt and exit)
     sample: bool = False
     prompt: str = "\n"
@@ -141,6 +156,9 @@ class Tokenizer:
                 raise UserError(f"characters {unknown} are not in the vocabulary of this data set")
             return [self.stoi[c] for c in s]
         return self.enc.encode_ordinary(s)
+
+    def separators(self, strings=SEPARATORS):
+        return separator_ids(self.chars if self.dataset == "shakespeare_char" else self.enc, strings)
 
     def decode(self, ids):
         if self.dataset == "shakespeare_char":
@@ -204,8 +222,20 @@ def get_lr(cfg, it):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
+def make_masks(cfg, kind, x, sep_ids):
+    """Attention masks for a batch x (B, T) under --attn_mask kind: None (full) or one mask per layer."""
+    if kind == "full":
+        return None
+    T = x.shape[1]
+    build = {"sepllm": lambda w: sepllm_mask(x, sep_ids, cfg.n_init, w),
+             "streaming": lambda w: streaming_mask(T, cfg.n_init, w, x.device),
+             "fixed": lambda w: fixed_interval_mask(T, cfg.n_init, w, device=x.device)}[kind]
+    windows = [int(w) for w in cfg.layer_windows.split(",")] if cfg.layer_windows else [cfg.n_local] * cfg.n_layer
+    return layer_masks(build, windows, cfg.n_layer)
+
+
 @torch.no_grad()
-def estimate_loss(model, data, cfg, device, autocast):
+def estimate_loss(model, data, cfg, device, autocast, masks=lambda x: None):
     """Mean loss over eval_iters fixed batches per split (the same batches at every evaluation)."""
     model.eval()
     out = {}
@@ -214,8 +244,9 @@ def estimate_loss(model, data, cfg, device, autocast):
         losses = []
         for _ in range(cfg.eval_iters):
             x, y = get_batch(data[split], cfg.batch_size, cfg.block_size, gen)
+            x = x.to(device)
             with autocast:
-                losses.append(model(x.to(device), y.to(device)).loss.item())
+                losses.append(model(x, y.to(device), attn_mask=masks(x)).loss.item())
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
@@ -251,18 +282,22 @@ def param_report(model):
     return f"{total / 1e6:.2f}M parameters ({expert / 1e6:.2f}M in experts, {active / 1e6:.2f}M active per token)"
 
 
-def load_trained(cfg):
-    """The model of out_dir/ckpt_best.pt, its tokenizer and its training config."""
+def load_trained(cfg, with_data=True):
+    """The model of out_dir/ckpt_best.pt, its tokenizer, its training config (with this run's data location,
+    eval and attention flags) and, with_data, the data."""
     device = pick_device(cfg.device)
     ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_best.pt"), device)
     saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
-    model = build_model(saved, Tokenizer(saved.dataset, ckpt["chars"]).vocab_size).to(device)
+    saved = replace(saved, **{k: getattr(cfg, k) for k in ("data_dir", "cache_dir", "eval_iters", "n_init", "n_local",
+                                                          "layer_windows")})
+    tok = Tokenizer(saved.dataset, ckpt["chars"])
+    model = build_model(saved, tok.vocab_size).to(device)
     model.load_state_dict(ckpt["model"])
-    return model.eval(), Tokenizer(saved.dataset, ckpt["chars"]), saved, device
+    return model.eval(), tok, saved, device, prepare_data(saved)[0] if with_data else None
 
 
 def sample(cfg):
-    model, tok, _, device = load_trained(cfg)
+    model, tok, _, device, _ = load_trained(cfg, with_data=False)
     idx = torch.tensor([tok.encode(cfg.prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.sample_top_k, generator=gen)
@@ -271,19 +306,49 @@ def sample(cfg):
 
 def probe_router(cfg):
     """UniPool's routing probe: Δ val loss when a layer's learned router is replaced by uniform random routing."""
-    model, _, saved, device = load_trained(cfg)
+    model, _, saved, device, data = load_trained(cfg)
     layers = moe_layers(model)
     if not layers:
         raise UserError(f"--probe_router needs a MoE checkpoint; {cfg.out_dir} was trained with --ffn=dense")
     which = range(len(layers)) if cfg.probe_router == "all" else [int(cfg.probe_router)]
-    saved = replace(saved, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, eval_iters=cfg.eval_iters)
-    data, _ = prepare_data(saved)
     base = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
     print(f"| layer routed at random | val loss | Δ val loss |\n|---|---|---|\n| none | {base:.4f} | |")
     for l in which:
         with random_routing(layers, [l], seed=cfg.seed):
             val = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
         print(f"| {l} | {val:.4f} | {val - base:+.4f} |")
+
+
+def eval_mask(cfg):
+    """Training-free sparse attention: the checkpoint's val loss under --eval_mask, and the kept KV fraction."""
+    model, tok, saved, device, data = load_trained(cfg)
+    sep = tok.separators()
+    masks = lambda x: make_masks(saved, cfg.eval_mask, x, sep)
+    loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
+    x, _ = get_batch(data["val"], saved.batch_size, saved.block_size, torch.Generator().manual_seed(saved.seed + 1))
+    print(f"{cfg.eval_mask} mask (a={saved.n_init}, w={saved.n_local}, layers {saved.layer_windows or 'all'}): "
+          f"val loss {loss:.4f}, kept fraction {kept_fraction(masks(x.to(device)) or [None]):.3f}")
+
+
+@torch.no_grad()
+def stream_eval(cfg):
+    """Perplexity of one long token stream decoded a token at a step through a KV cache (SepCache, SinkCache or
+    the full cache), with the KV it used and its speed."""
+    model, tok, saved, device, data = load_trained(cfg)
+    stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
+    stream = stream[:cfg.stream_tokens or len(stream)]
+    L = saved.n_layer
+    cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
+                                          cfg.n_local, cfg.cache_capacity),
+             "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]()
+    nll, kv, kv_max, t0 = 0.0, 0, 0, time.time()
+    for t in range(len(stream) - 1):
+        logits = model(stream[t:t + 1].view(1, 1).to(device), cache=cache).logits[0, -1]
+        nll += F.cross_entropy(logits.float(), stream[t + 1].to(device)).item()
+        kv, kv_max = kv + len(cache), max(kv_max, len(cache))
+    n = len(stream) - 1
+    print(f"{cfg.stream}: {n} tokens, ppl {math.exp(nll / n):.2f}, average KV {kv / n:.0f}, max KV {kv_max}, "
+          f"{n / (time.time() - t0):.0f} tok/s")
 
 
 def train(cfg):
@@ -303,6 +368,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed + rank)
 
     data, tok = prepare_data(cfg)
+    sep_ids = tok.separators()
     model = build_model(cfg, tok.vocab_size).to(device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
@@ -350,7 +416,8 @@ def train(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            losses = estimate_loss(raw_model, data, cfg, device, autocast)
+            losses = estimate_loss(raw_model, data, cfg, device, autocast,
+                                   lambda x: make_masks(cfg, cfg.attn_mask, x, sep_ids))
             if not all(map(math.isfinite, losses.values())):
                 raise UserError(f"loss became {losses} at iter {it}; the last good checkpoint is kept. "
                                 f"Lower --lr or raise --warmup_iters")
@@ -370,7 +437,8 @@ def train(cfg):
             rows = slice((rank * cfg.grad_accum + micro) * cfg.batch_size, (rank * cfg.grad_accum + micro + 1) * cfg.batch_size)
             sync = not ddp or micro == cfg.grad_accum - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                out = model(x[rows].to(device), y[rows].to(device))
+                xb = x[rows].to(device)
+                out = model(xb, y[rows].to(device), attn_mask=make_masks(cfg, cfg.attn_mask, xb, sep_ids))
                 aux = aux_losses(layers, out.aux, aux_kind, cfg.aux_coef, cfg.zloss_coef) if layers else 0.0
             ((out.loss + aux) / cfg.grad_accum).backward()
             loss_sum += out.loss.item() / cfg.grad_accum
@@ -410,10 +478,17 @@ def main():
         if getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
     choices = {"ffn": ("dense", "moe", "unipool"), "router": ("auto", "softmax", "norm"),
-               "aux_loss": ("auto", "switch", "pool", "none")}
+               "aux_loss": ("auto", "switch", "pool", "none"), "attn_mask": ("full", "sepllm", "streaming", "fixed"),
+               "eval_mask": ("", "full", "sepllm", "streaming", "fixed"), "stream": ("", "sepcache", "sink", "full")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(allowed)}")
+    windows = cfg.layer_windows.split(",") if cfg.layer_windows else []
+    if windows and (len(windows) != cfg.n_layer or not all(w.isdigit() for w in windows)):
+        raise UserError(f"--layer_windows={cfg.layer_windows} must list {cfg.n_layer} windows (0 = full), e.g. "
+                        + ",".join(["0"] + ["64"] * (cfg.n_layer - 2) + ["0"]))
+    if cfg.stream == "sepcache" and cfg.n_init + cfg.sep_size + cfg.n_local >= cfg.cache_capacity:
+        raise UserError(f"--cache_capacity={cfg.cache_capacity} must exceed n_init + sep_size + n_local")
     if cfg.probe_router not in ("", "all") and not cfg.probe_router.isdigit():
         raise UserError(f"--probe_router={cfg.probe_router} must be all or a layer number")
     if cfg.probe_router.isdigit() and int(cfg.probe_router) >= cfg.n_layer:
@@ -428,6 +503,10 @@ def main():
         sample(cfg)
     elif cfg.probe_router:
         probe_router(cfg)
+    elif cfg.eval_mask:
+        eval_mask(cfg)
+    elif cfg.stream:
+        stream_eval(cfg)
     else:
         train(cfg)
 

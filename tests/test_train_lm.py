@@ -63,7 +63,9 @@ def test_flags_reject_unknown_key_and_wrong_type():
 
 
 def test_script_bad_flag_is_one_line_and_exit_2(tmp_path):
-    for bad in (["--no_such_flag=1"], ["--max_iters=ten"], ["--n_head=3"], ["--dataset=wiki"]):
+    for bad in (["--no_such_flag=1"], ["--max_iters=ten"], ["--n_head=3"], ["--dataset=wiki"],
+                ["--ffn=moe", "--top_k=9"], ["--ffn=unipool", "--pool_size=-1"], ["--layer_windows=0,64"],
+                ["--attn_mask=sparse"], ["--probe_router=9"]):
         r = subprocess.run([sys.executable, "train_lm.py", *bad], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
@@ -158,3 +160,18 @@ def test_two_process_ddp_matches_grad_accumulation(data_dir):
     # the same data and the same averaged gradient; only float summation order differs
     assert abs(s1["final_val_loss"] - s2["final_val_loss"]) < 1e-4
     assert s2["world_size"] == 2
+
+
+def test_ideas_combine_in_one_run(data_dir):
+    """UniPool FFNs, SA-Softmax scores and the SepLLM mask together; then the eval modes on the checkpoint."""
+    out = data_dir / "combo"
+    r = run([f"--out_dir={out}", "--max_iters=10", "--ffn=unipool", "--n_experts=2", "--top_k=2", "--attn_score=sa",
+             "--attn_mask=sepllm", "--n_init=2", "--n_local=4"], data_dir)
+    assert r.returncode == 0, r.stderr
+    assert "in experts" in r.stdout and "active per token" in r.stdout
+    for mode in (["--probe_router=all"], ["--eval_mask=streaming", "--n_local=4"],
+                 ["--stream=sepcache", "--n_init=2", "--sep_size=4", "--n_local=8", "--cache_capacity=20",
+                  "--stream_tokens=60"], ["--sample", "--max_new_tokens=20"]):
+        r = run([f"--out_dir={out}", *mode], data_dir)
+        assert r.returncode == 0, (mode, r.stderr)
+        assert r.stdout.strip(), mode

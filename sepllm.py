@@ -1,0 +1,163 @@
+"""
+SepLLM: let separators carry the segments they close.
+Paper: "SepLLM: Accelerate Large Language Models by Compressing One Segment into One Separator", arXiv:2412.12094.
+
+Attention maps show that seemingly meaningless separator tokens (". , ? ! ; : newline") receive a large share of
+attention. SepLLM leans into it: a query attends only to the first few tokens (attention sinks), to every
+separator before it, and to a local window of neighbours. Trained this way from scratch (or applied
+training-free), each segment's information is condensed into the separator that closes it; the KV cache then
+only has to keep sinks, separators and the recent window, which makes streaming over millions of tokens possible.
+
+Query i may attend key j iff
+    j ≤ i  and  ( j < a  or  tok(j) ∈ SEP  or  i − j < w )                                      (1)
+a = initial (sink) tokens, w = local window (counting the current token). SEP empty gives StreamingLLM;
+keeping every k-th token instead of separators gives the FixLLM ablation.
+
+SepCache (streaming) physically evicts. Layout [ initial a | separators ≤ s | past window | local window w ],
+capacity c > a + s + w. When the cache would exceed c: of the past window (tokens that left the local window
+and were not yet compressed) only the separators stay; they join the separator cache, which keeps the newest s
+(FIFO); the cache is rebuilt as initial + separators + local window. Keys are stored BEFORE RoPE and rotated
+with their index inside the cache, the query taking the next index, so positions never outgrow training.
+
+Choices: separator ids are derived from the tokenizer at run time (a string counts only if it encodes to one
+token); the caches hold batch size 1; a new chunk of several tokens (a prompt's prefill) attends to the
+cache and, among its own tokens, by rule (1), so the prefill is sparse too; compression happens before a new
+chunk is appended, so the size is ≤ c after every one-token step.
+
+Train it:  python train_lm.py --dataset=shakespeare --attn_mask=sepllm --n_init=3 --n_local=64
+"""
+import torch
+
+SEPARATORS = (".", ",", "?", "!", ";", ":", "\n", " ", "\t")
+STREAMING_SEPARATORS = SEPARATORS + (" .", " ,", " ?", " !", " ;", " :")
+
+
+def separator_ids(tokenizer_or_vocab, strings=SEPARATORS):
+    """Token ids of the separator strings: for a tokenizer with .encode (tiktoken), the strings that encode to
+    exactly one token; for a character vocabulary (dict char -> id, or a list of chars), the chars it has."""
+    if hasattr(tokenizer_or_vocab, "encode"):
+        ids = [tokenizer_or_vocab.encode(s) for s in strings]
+        return sorted({i[0] for i in ids if len(i) == 1})
+    vocab = tokenizer_or_vocab if isinstance(tokenizer_or_vocab, dict) else {c: n for n, c in enumerate(tokenizer_or_vocab)}
+    return sorted({vocab[s] for s in strings if s in vocab})
+
+
+def is_separator(idx, sep_ids):
+    """idx (B, T) -> bool (B, T)."""
+    return torch.isin(idx, torch.as_tensor(list(sep_ids), dtype=idx.dtype, device=idx.device))
+
+
+def keep_mask(kept, n_init, n_local):
+    """Rule (1) given which keys are kept beyond sinks and window: kept (B, T) bool -> (B, T, T) bool."""
+    T = kept.shape[-1]
+    i = torch.arange(T, device=kept.device)[:, None]
+    j = torch.arange(T, device=kept.device)[None, :]
+    # j ≤ i  and  (j < a  or  kept(j)  or  i − j < w)
+    return (j <= i) & ((j < n_init) | kept[:, None, :] | (i - j < n_local))
+
+
+def sepllm_mask(idx, sep_ids, n_init, n_local):
+    """(B, T) token ids -> (B, T, T) bool mask, True = may attend."""
+    return keep_mask(is_separator(idx, sep_ids), n_init, n_local)
+
+
+def streaming_mask(T, n_init, n_local, device=None):
+    """StreamingLLM: sinks + window only, (1, T, T)."""
+    return keep_mask(torch.zeros(1, T, dtype=torch.bool, device=device), n_init, n_local)
+
+
+def fixed_interval_mask(T, n_init, n_local, every=5, device=None):
+    """FixLLM: keep every `every`-th token instead of the separators, (1, T, T)."""
+    return keep_mask((torch.arange(T, device=device) % every == every - 1)[None], n_init, n_local)
+
+
+def layer_masks(make_mask, windows, n_layer):
+    """One mask per layer from a per-layer list of windows (0 = full causal attention, mask None);
+    make_mask(w) builds the mask for window w, once per distinct w."""
+    if len(windows) != n_layer:
+        raise ValueError(f"{len(windows)} layer windows for {n_layer} layers")
+    cache = {}
+    return [None if w == 0 else cache.setdefault(w, make_mask(w)) for w in windows]
+
+
+def kept_fraction(masks):
+    """Kept share of the causal (query, key) pairs, averaged over layers (None = full)."""
+    masks = masks if isinstance(masks, list) else [masks]
+    out = []
+    for m in masks:
+        if m is None:
+            out.append(1.0)
+        else:
+            T = m.shape[-1]
+            out.append(m.float().sum().item() / (m.shape[0] * T * (T + 1) / 2))
+    return sum(out) / len(out)
+
+
+class SepCache:
+    """The SepLLM KV cache for streaming (batch size 1), implementing gpt.py's cache interface."""
+
+    def __init__(self, n_layer, sep_ids, n_init=4, sep_size=64, local_size=256, capacity=800):
+        if n_init + sep_size + local_size >= capacity:
+            raise ValueError(f"capacity={capacity} must exceed n_init + sep_size + local_size = "
+                             f"{n_init + sep_size + local_size}")
+        self.n_layer, self.sep_ids = n_layer, list(sep_ids)
+        self.a, self.s, self.w, self.c = n_init, sep_size, local_size, capacity
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.ids = torch.zeros(0, dtype=torch.long)      # token id of each cached entry
+        self.stream_pos = torch.zeros(0, dtype=torch.long)  # position of each entry in the whole stream
+        self.seen = 0                                     # tokens of the stream so far
+
+    def __len__(self):
+        return len(self.ids)
+
+    def keep_on_overflow(self, T):
+        """Which entries survive a compression: initial + the newest s separators that left the local window +
+        the local window (the past window's other tokens are dropped)."""
+        n = len(self)
+        is_init = self.stream_pos < self.a
+        in_window = torch.arange(n) >= n - self.w
+        sep = (is_separator(self.ids[None], self.sep_ids)[0] & ~is_init & ~in_window).nonzero().flatten()
+        keep = is_init | in_window
+        keep[sep[len(sep) - self.s:]] = True
+        return keep
+
+    def start(self, idx):
+        if idx.shape[0] != 1:
+            raise ValueError("SepCache and SinkCache hold batch size 1")
+        T, device = idx.shape[1], idx.device
+        if len(self) > 0 and len(self) + T > self.c:
+            keep = self.keep_on_overflow(T).nonzero().flatten()
+            self.ids, self.stream_pos = self.ids[keep], self.stream_pos[keep]
+            for l in range(self.n_layer):
+                if self.k[l] is not None:
+                    self.k[l], self.v[l] = self.k[l][:, :, keep.to(device)], self.v[l][:, :, keep.to(device)]
+        old = len(self)
+        new_pos = torch.arange(self.seen, self.seen + T)
+        self.ids = torch.cat([self.ids, idx[0].cpu()])
+        self.stream_pos = torch.cat([self.stream_pos, new_pos])
+        self.seen += T
+        S = len(self)
+        # cached entries are all visible; among the new tokens rule (1) applies (a sparse prefill)
+        kept = is_separator(idx, self.sep_ids) | (new_pos < self.a).to(device)[None]
+        mask = torch.cat([torch.ones(1, T, old, dtype=torch.bool, device=device), keep_mask(kept, 0, self.w)], 2)
+        # RoPE with positions inside the cache: keys 0..S-1, the new queries the last T of them
+        return torch.arange(old, S, device=device), torch.arange(S, device=device), mask
+
+    def update(self, layer, k, v):
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class SinkCache(SepCache):
+    """StreamingLLM: keep the first a tokens and the most recent c − a."""
+
+    def __init__(self, n_layer, n_init=4, capacity=800):
+        super().__init__(n_layer, [], n_init, 0, capacity - n_init - 1, capacity)
+
+    def keep_on_overflow(self, T):
+        n = len(self)
+        # [0:a] and the last c − a − T, so that the new tokens fill the cache to c
+        return (self.stream_pos < self.a) | (torch.arange(n) >= n - max(self.c - self.a - T, 0))
