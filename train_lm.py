@@ -3,7 +3,7 @@ Train a GPT (gpt.py) on Tiny Shakespeare, nanoGPT style. One process:
 
     python train_lm.py                                   # char-level, CPU-sized, about 2 minutes
     python train_lm.py --dataset=shakespeare --max_iters=5000 --block_size=256 --n_layer=6 --n_embd=384
-    python train_lm.py --sample --out_dir=out-lm         # text from the best checkpoint
+    python eval_lm.py --sample                           # text from out-lm's best checkpoint (and other evals)
 
 Several GPUs or processes (DDP; gloo on CPU, nccl on CUDA); the global batch is batch_size * grad_accum *
 world size, and the data each rank sees is a slice of the same global draw, so N processes equal one process
@@ -19,19 +19,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
                     pick_device, run_main, save_atomic, sha256_of, write_json)
-from gpt import GPT, GPTConfig, KVCache, ffn_hidden_size
-from sepllm import (SEPARATORS, STREAMING_SEPARATORS, SepCache, SinkCache, fixed_interval_mask, kept_fraction,
-                    layer_masks, separator_ids, sepllm_mask, streaming_mask)
-from unipool import MoE, aux_losses, build_moe_layers, random_routing
+from gpt import GPT, GPTConfig, ffn_hidden_size
+from sepllm import SEPARATORS, fixed_interval_mask, layer_masks, separator_ids, sepllm_mask, streaming_mask
+from unipool import MoE, aux_losses, build_moe_layers
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -71,7 +69,6 @@ class TrainConfig:
     aux_loss: str = "auto"              # switch (per layer) | pool | none; auto = switch for moe, pool for unipool
     aux_coef: float = 0.01
     zloss_coef: float = 0.0
-    probe_router: str = ""              # with a checkpoint: "all" or a layer: val loss with random routing there
     # optimisation
     batch_size: int = 12                # sequences per micro-batch per process
     grad_accum: int = 1
@@ -98,19 +95,6 @@ class TrainConfig:
     n_init: int = 3                     # sink tokens a
     n_local: int = 64                   # local window w
     layer_windows: str = ""             # per-layer windows, e.g. 0,64,64,0 (0 = full); "" = n_local everywhere
-    # evaluation modes on out_dir/ckpt_best.pt (no training)
-    eval_mask: str = ""                 # val loss under this mask (training-free), with its kept fraction
-    stream: str = ""                    # sepcache | sink | full: the val split as one stream, a token a step
-    stream_repeat: int = 1              # the stream is the val split repeated this many times ...
-    stream_tokens: int = 0              # ... cut to this many tokens (0 = all)
-    sep_size: int = 64                  # SepCache: separators kept, s
-    cache_capacity: int = 800           # SepCache / SinkCache: capacity c
-    # sampling (--sample: generate from out_dir/ckpt_best.pt and exit)
-    sample: bool = False
-    prompt: str = "\n"
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    sample_top_k: int = 200
 
 
 # ----------------------------------------------------------------------------- data
@@ -230,8 +214,18 @@ def make_masks(cfg, kind, x, sep_ids):
     build = {"sepllm": lambda w: sepllm_mask(x, sep_ids, cfg.n_init, w),
              "streaming": lambda w: streaming_mask(T, cfg.n_init, w, x.device),
              "fixed": lambda w: fixed_interval_mask(T, cfg.n_init, w, device=x.device)}[kind]
-    windows = [int(w) for w in cfg.layer_windows.split(",")] if cfg.layer_windows else [cfg.n_local] * cfg.n_layer
-    return layer_masks(build, windows, cfg.n_layer)
+    return layer_masks(build, layer_windows(cfg), cfg.n_layer)
+
+
+def layer_windows(cfg):
+    """--layer_windows as a list of n_layer ints (0 = full attention); n_local everywhere when empty."""
+    if not cfg.layer_windows:
+        return [cfg.n_local] * cfg.n_layer
+    windows = cfg.layer_windows.split(",")
+    if len(windows) != cfg.n_layer or not all(w.isdigit() for w in windows):
+        raise UserError(f"--layer_windows={cfg.layer_windows} must list {cfg.n_layer} windows (0 = full), e.g. "
+                        + ",".join(["0"] + ["64"] * (cfg.n_layer - 2) + ["0"]))
+    return [int(w) for w in windows]
 
 
 @torch.no_grad()
@@ -280,75 +274,6 @@ def param_report(model):
     expert = sum(p.numel() for pool in pools for p in pool.parameters())
     active = total - expert + sum(l.router.top_k * sum(p[0].numel() for p in l.pool.parameters()) for l in layers)
     return f"{total / 1e6:.2f}M parameters ({expert / 1e6:.2f}M in experts, {active / 1e6:.2f}M active per token)"
-
-
-def load_trained(cfg, with_data=True):
-    """The model of out_dir/ckpt_best.pt, its tokenizer, its training config (with this run's data location,
-    eval and attention flags) and, with_data, the data."""
-    device = pick_device(cfg.device)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_best.pt"), device)
-    saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
-    saved = replace(saved, **{k: getattr(cfg, k) for k in ("data_dir", "cache_dir", "eval_iters", "n_init", "n_local",
-                                                          "layer_windows")})
-    tok = Tokenizer(saved.dataset, ckpt["chars"])
-    model = build_model(saved, tok.vocab_size).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), tok, saved, device, prepare_data(saved)[0] if with_data else None
-
-
-def sample(cfg):
-    model, tok, _, device, _ = load_trained(cfg, with_data=False)
-    idx = torch.tensor([tok.encode(cfg.prompt)], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.sample_top_k, generator=gen)
-    print(tok.decode(out[0].tolist()))
-
-
-def probe_router(cfg):
-    """UniPool's routing probe: Δ val loss when a layer's learned router is replaced by uniform random routing."""
-    model, _, saved, device, data = load_trained(cfg)
-    layers = moe_layers(model)
-    if not layers:
-        raise UserError(f"--probe_router needs a MoE checkpoint; {cfg.out_dir} was trained with --ffn=dense")
-    which = range(len(layers)) if cfg.probe_router == "all" else [int(cfg.probe_router)]
-    base = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
-    print(f"| layer routed at random | val loss | Δ val loss |\n|---|---|---|\n| none | {base:.4f} | |")
-    for l in which:
-        with random_routing(layers, [l], seed=cfg.seed):
-            val = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
-        print(f"| {l} | {val:.4f} | {val - base:+.4f} |")
-
-
-def eval_mask(cfg):
-    """Training-free sparse attention: the checkpoint's val loss under --eval_mask, and the kept KV fraction."""
-    model, tok, saved, device, data = load_trained(cfg)
-    sep = tok.separators()
-    masks = lambda x: make_masks(saved, cfg.eval_mask, x, sep)
-    loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
-    x, _ = get_batch(data["val"], saved.batch_size, saved.block_size, torch.Generator().manual_seed(saved.seed + 1))
-    print(f"{cfg.eval_mask} mask (a={saved.n_init}, w={saved.n_local}, layers {saved.layer_windows or 'all'}): "
-          f"val loss {loss:.4f}, kept fraction {kept_fraction(masks(x.to(device)) or [None]):.3f}")
-
-
-@torch.no_grad()
-def stream_eval(cfg):
-    """Perplexity of one long token stream decoded a token at a step through a KV cache (SepCache, SinkCache or
-    the full cache), with the KV it used and its speed."""
-    model, tok, saved, device, data = load_trained(cfg)
-    stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
-    stream = stream[:cfg.stream_tokens or len(stream)]
-    L = saved.n_layer
-    cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
-                                          cfg.n_local, cfg.cache_capacity),
-             "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]()
-    nll, kv, kv_max, t0 = 0.0, 0, 0, time.time()
-    for t in range(len(stream) - 1):
-        logits = model(stream[t:t + 1].view(1, 1).to(device), cache=cache).logits[0, -1]
-        nll += F.cross_entropy(logits.float(), stream[t + 1].to(device)).item()
-        kv, kv_max = kv + len(cache), max(kv_max, len(cache))
-    n = len(stream) - 1
-    print(f"{cfg.stream}: {n} tokens, ppl {math.exp(nll / n):.2f}, average KV {kv / n:.0f}, max KV {kv_max}, "
-          f"{n / (time.time() - t0):.0f} tok/s")
 
 
 def train(cfg):
@@ -478,37 +403,18 @@ def main():
         if getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
     choices = {"ffn": ("dense", "moe", "unipool"), "router": ("auto", "softmax", "norm"),
-               "aux_loss": ("auto", "switch", "pool", "none"), "attn_mask": ("full", "sepllm", "streaming", "fixed"),
-               "eval_mask": ("", "full", "sepllm", "streaming", "fixed"), "stream": ("", "sepcache", "sink", "full")}
+               "aux_loss": ("auto", "switch", "pool", "none"), "attn_mask": ("full", "sepllm", "streaming", "fixed")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(allowed)}")
-    windows = cfg.layer_windows.split(",") if cfg.layer_windows else []
-    if windows and (len(windows) != cfg.n_layer or not all(w.isdigit() for w in windows)):
-        raise UserError(f"--layer_windows={cfg.layer_windows} must list {cfg.n_layer} windows (0 = full), e.g. "
-                        + ",".join(["0"] + ["64"] * (cfg.n_layer - 2) + ["0"]))
-    if cfg.stream == "sepcache" and cfg.n_init + cfg.sep_size + cfg.n_local >= cfg.cache_capacity:
-        raise UserError(f"--cache_capacity={cfg.cache_capacity} must exceed n_init + sep_size + n_local")
-    if cfg.probe_router not in ("", "all") and not cfg.probe_router.isdigit():
-        raise UserError(f"--probe_router={cfg.probe_router} must be all or a layer number")
-    if cfg.probe_router.isdigit() and int(cfg.probe_router) >= cfg.n_layer:
-        raise UserError(f"--probe_router={cfg.probe_router} but the model has layers 0..{cfg.n_layer - 1}")
+    layer_windows(cfg)
     try:
         build_model(cfg, vocab_size=1) if cfg.ffn != "dense" else model_config(cfg, vocab_size=1)
     except ValueError as e:
         raise UserError(str(e)) from None
     if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
         raise UserError(f"--resume but {cfg.out_dir}/ckpt_last.pt does not exist; drop --resume or fix --out_dir")
-    if cfg.sample:
-        sample(cfg)
-    elif cfg.probe_router:
-        probe_router(cfg)
-    elif cfg.eval_mask:
-        eval_mask(cfg)
-    elif cfg.stream:
-        stream_eval(cfg)
-    else:
-        train(cfg)
+    train(cfg)
 
 
 if __name__ == "__main__":

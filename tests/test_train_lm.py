@@ -27,10 +27,11 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def run(args, tmp_path, *, torchrun=0):
+def run(args, tmp_path, *, torchrun=0, script="train_lm.py"):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    flags = [f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}", *SMALL, *args]
-    cmd = [sys.executable, "train_lm.py", *flags]
+    flags = [f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}",
+             *(SMALL if script == "train_lm.py" else ["--eval_iters=2"]), *args]
+    cmd = [sys.executable, script, *flags]
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
                "train_lm.py", *flags]
@@ -65,7 +66,7 @@ def test_flags_reject_unknown_key_and_wrong_type():
 def test_script_bad_flag_is_one_line_and_exit_2(tmp_path):
     for bad in (["--no_such_flag=1"], ["--max_iters=ten"], ["--n_head=3"], ["--dataset=wiki"],
                 ["--ffn=moe", "--top_k=9"], ["--ffn=unipool", "--pool_size=-1"], ["--layer_windows=0,64"],
-                ["--attn_mask=sparse"], ["--probe_router=9"]):
+                ["--attn_mask=sparse"]):
         r = subprocess.run([sys.executable, "train_lm.py", *bad], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
@@ -172,6 +173,9 @@ def test_ideas_combine_in_one_run(data_dir):
     for mode in (["--probe_router=all"], ["--eval_mask=streaming", "--n_local=4"],
                  ["--stream=sepcache", "--n_init=2", "--sep_size=4", "--n_local=8", "--cache_capacity=20",
                   "--stream_tokens=60"], ["--sample", "--max_new_tokens=20"]):
-        r = run([f"--out_dir={out}", *mode], data_dir)
+        r = run([f"--out_dir={out}", *mode], data_dir, script="eval_lm.py")
         assert r.returncode == 0, (mode, r.stderr)
         assert r.stdout.strip(), mode
+    for bad in (["--probe_router=7"], ["--eval_mask=streaming", "--layer_windows=1,2"], ["--stream=disk"], []):
+        r = run([f"--out_dir={out}", *bad], data_dir, script="eval_lm.py")
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (bad, r.stderr)

@@ -1,0 +1,149 @@
+"""
+Evaluate a checkpoint trained by train_lm.py (out_dir/ckpt_best.pt); one mode per call:
+
+    python eval_lm.py --sample                                   # generate text
+    python eval_lm.py --probe_router=all                         # UniPool's routing probe (a MoE checkpoint)
+    python eval_lm.py --eval_mask=sepllm --n_init=3 --n_local=64 # training-free SepLLM: val loss, kept KV
+    python eval_lm.py --stream=sepcache --stream_repeat=4        # one long stream through SepCache / SinkCache / full
+
+Every flag is a field of EvalConfig below, written --key=value.
+"""
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import UserError, load_checkpoint, parse_flags, pick_device, run_main
+from gpt import KVCache
+from sepllm import STREAMING_SEPARATORS, SepCache, SinkCache, kept_fraction
+from train_lm import (TrainConfig, Tokenizer, build_model, estimate_loss, get_batch, layer_windows, make_masks,
+                      moe_layers, prepare_data)
+from unipool import random_routing
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = "out-lm"             # the run folder holding ckpt_best.pt
+    data_dir: str = ""                  # as in train_lm.py
+    cache_dir: str = "~/.cache/nanopapers"
+    device: str = "auto"
+    seed: int = 1337
+    eval_iters: int = 20                # batches per split for the loss-based modes
+    # --sample
+    sample: bool = False
+    prompt: str = "\n"
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    top_k: int = 200
+    # --probe_router
+    probe_router: str = ""              # all | a layer: val loss when that layer routes uniformly at random
+    # --eval_mask (n_init, n_local, layer_windows as in train_lm.py)
+    eval_mask: str = ""                 # full | sepllm | streaming | fixed
+    n_init: int = 3
+    n_local: int = 64
+    layer_windows: str = ""
+    # --stream (n_init = a, n_local = w)
+    stream: str = ""                    # sepcache | sink | full: the val split as one stream, a token a step
+    stream_repeat: int = 1              # the stream is the val split repeated this many times ...
+    stream_tokens: int = 0              # ... cut to this many tokens (0 = all)
+    sep_size: int = 64                  # SepCache: separators kept, s
+    cache_capacity: int = 800           # SepCache / SinkCache: capacity c
+
+
+def load_trained(cfg, with_data=True):
+    """The model of out_dir/ckpt_best.pt, its tokenizer, its training config (with this run's data location,
+    eval and attention flags) and, with_data, the data."""
+    device = pick_device(cfg.device)
+    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_best.pt"), device)
+    saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
+    saved = replace(saved, **{k: getattr(cfg, k) for k in ("data_dir", "cache_dir", "eval_iters", "n_init",
+                                                          "n_local", "layer_windows")})
+    tok = Tokenizer(saved.dataset, ckpt["chars"])
+    model = build_model(saved, tok.vocab_size).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), tok, saved, device, prepare_data(saved)[0] if with_data else None
+
+
+def sample(cfg):
+    model, tok, _, device, _ = load_trained(cfg, with_data=False)
+    idx = torch.tensor([tok.encode(cfg.prompt)], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = model.generate(idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=gen)
+    print(tok.decode(out[0].tolist()))
+
+
+def probe_router(cfg):
+    """UniPool's routing probe: Δ val loss when a layer's learned router is replaced by uniform random routing."""
+    model, _, saved, device, data = load_trained(cfg)
+    layers = moe_layers(model)
+    if not layers:
+        raise UserError(f"--probe_router needs a MoE checkpoint; {cfg.out_dir} was trained with --ffn=dense")
+    which = range(len(layers)) if cfg.probe_router == "all" else [int(cfg.probe_router)]
+    if max(which) >= len(layers):
+        raise UserError(f"--probe_router={cfg.probe_router} but the model has layers 0..{len(layers) - 1}")
+    base = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
+    print(f"| layer routed at random | val loss | Δ val loss |\n|---|---|---|\n| none | {base:.4f} | |")
+    for l in which:
+        with random_routing(layers, [l], seed=cfg.seed):
+            val = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
+        print(f"| {l} | {val:.4f} | {val - base:+.4f} |")
+
+
+def eval_mask(cfg):
+    """Training-free sparse attention: the checkpoint's val loss under --eval_mask, and the kept KV fraction."""
+    model, tok, saved, device, data = load_trained(cfg)
+    layer_windows(saved)
+    sep = tok.separators()
+    masks = lambda x: make_masks(saved, cfg.eval_mask, x, sep)
+    loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
+    x, _ = get_batch(data["val"], saved.batch_size, saved.block_size, torch.Generator().manual_seed(saved.seed + 1))
+    print(f"{cfg.eval_mask} mask (a={saved.n_init}, w={saved.n_local}, layers {saved.layer_windows or 'all'}): "
+          f"val loss {loss:.4f}, kept fraction {kept_fraction(masks(x.to(device)) or [None]):.3f}")
+
+
+@torch.no_grad()
+def stream_eval(cfg):
+    """Perplexity of one long token stream decoded a token at a step through a KV cache (SepCache, SinkCache or
+    the full cache), with the KV it used and its speed."""
+    model, tok, saved, device, data = load_trained(cfg)
+    stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
+    stream = stream[:cfg.stream_tokens or len(stream)]
+    L = saved.n_layer
+    cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
+                                          cfg.n_local, cfg.cache_capacity),
+             "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]()
+    nll, kv, kv_max, t0 = 0.0, 0, 0, time.time()
+    for t in range(len(stream) - 1):
+        logits = model(stream[t:t + 1].view(1, 1).to(device), cache=cache).logits[0, -1]
+        nll += F.cross_entropy(logits.float(), stream[t + 1].to(device)).item()
+        kv, kv_max = kv + len(cache), max(kv_max, len(cache))
+    n = len(stream) - 1
+    print(f"{cfg.stream}: {n} tokens, ppl {math.exp(nll / n):.2f}, average KV {kv / n:.0f}, max KV {kv_max}, "
+          f"{n / (time.time() - t0):.0f} tok/s")
+
+
+
+def main():
+    cfg = parse_flags(EvalConfig, sys.argv[1:])
+    modes = [m for m in ("sample", "probe_router", "eval_mask", "stream") if getattr(cfg, m)]
+    if len(modes) != 1:
+        raise UserError("pick exactly one of --sample, --probe_router=..., --eval_mask=..., --stream=...")
+    choices = {"eval_mask": ("", "full", "sepllm", "streaming", "fixed"), "stream": ("", "sepcache", "sink", "full")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(a for a in allowed if a)}")
+    if cfg.probe_router not in ("", "all") and not cfg.probe_router.isdigit():
+        raise UserError(f"--probe_router={cfg.probe_router} must be all or a layer number")
+    if cfg.stream == "sepcache" and cfg.n_init + cfg.sep_size + cfg.n_local >= cfg.cache_capacity:
+        raise UserError(f"--cache_capacity={cfg.cache_capacity} must exceed n_init + sep_size + n_local")
+    {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[modes[0]](cfg)
+
+
+if __name__ == "__main__":
+    run_main(main)
