@@ -47,9 +47,9 @@ def python_loop_triples(train, n_users, n_items, n, rng):
 
 
 def epoch(model, A_hat, optimizer, data, triples, batch_size, generic_backward):
-    E0_user, E0_item = model.E0.split([data.n_users, data.n_items])
     for s in range(0, len(triples), batch_size):
         u, i, j = triples[s:s + batch_size].T
+        E0_user, E0_item = model.E0.split([data.n_users, data.n_items])
         if generic_backward:  # a COO Â and torch's own sparse autograd, as in the reference
             layers = [model.E0]
             for _ in range(model.n_layers):

@@ -106,17 +106,14 @@ class KVCache:
     def __init__(self, n_layer):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
-        self.length = 0       # tokens already cached
-        self.new = 0          # tokens being added by the current forward
 
     def __len__(self):
-        return self.length
+        return 0 if self.k[0] is None else self.k[0].shape[2]
 
     def start(self, idx):
-        T = idx.shape[1]
-        self.new = T
-        S = self.length + T
-        q_pos = torch.arange(self.length, S, device=idx.device)
+        past = len(self)
+        S = past + idx.shape[1]
+        q_pos = torch.arange(past, S, device=idx.device)
         k_pos = torch.arange(S, device=idx.device)
         mask = (k_pos[None, :] <= q_pos[:, None])[None]                                    # (1, T, S)
         return q_pos, k_pos, mask
@@ -126,8 +123,6 @@ class KVCache:
             k = torch.cat([self.k[layer], k], dim=2)
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
-        if layer == len(self.k) - 1:
-            self.length += self.new
         return k, v
 
 
