@@ -28,6 +28,7 @@ import torch.distributed as dist
 from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
                     pick_device, run_main, save_atomic, sha256_of, write_json)
 from gpt import GPT, GPTConfig, ffn_hidden_size
+from kernels.moe import set_backend
 from sepllm import SEPARATORS, fixed_interval_mask, layer_masks, separator_ids, sepllm_mask, streaming_mask
 from unipool import MoE, aux_losses, build_moe_layers
 
@@ -87,6 +88,7 @@ class TrainConfig:
     log_interval: int = 50
     # system
     device: str = "auto"                # auto = cuda -> mps -> cpu
+    kernels: str = "auto"               # auto (Triton on CUDA) | triton | torch: kernels/ backends
     compile: bool = False
     seed: int = 1337
     resume: bool = False                # continue from out_dir/ckpt_last.pt
@@ -289,6 +291,9 @@ def train(cfg):
         rank, world, device = 0, 1, pick_device(cfg.device)
     master = rank == 0
     device_type = device.split(":")[0]
+    if cfg.kernels == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels slowly "
+                        "on the CPU); use --kernels=auto")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext())
     torch.manual_seed(cfg.seed + rank)
 
@@ -408,6 +413,10 @@ def main():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(allowed)}")
     layer_windows(cfg)
+    try:
+        set_backend(cfg.kernels)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     try:
         build_model(cfg, vocab_size=1) if cfg.ffn != "dense" else model_config(cfg, vocab_size=1)
     except ValueError as e:

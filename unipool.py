@@ -19,7 +19,7 @@ Variants: grouped pools (every G adjacent layers share a pool), reduced pools (M
 (each expert split m ways: hidden/m wide, top m·k).
 
 Dispatch: the T·k (token, expert) assignments are sorted by expert so each expert multiplies one contiguous
-block of rows (a grouped matmul; kernels/ will give it a GPU kernel); outputs are un-sorted with a gather and
+block of rows (a grouped matmul: kernels/moe.py, Triton on GPU); outputs are un-sorted with a gather and
 summed over k through a view, so no scatter-add with repeated indices (deterministic).
 
 Choices: the auxiliary losses are summed over layers (Switch) and over pools (pool loss, one term per
@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.moe import grouped_mm
 from normrouter import NormRouter, RouterOutput, SoftmaxRouter, router_z_loss
 
 
@@ -47,15 +48,6 @@ class ExpertPool(nn.Module):
         self.w1 = nn.Parameter(torch.randn(n_experts, dim, hidden) * init_std)
         self.w3 = nn.Parameter(torch.randn(n_experts, dim, hidden) * init_std)
         self.w2 = nn.Parameter(torch.randn(n_experts, hidden, dim) * out_std)
-
-
-def grouped_mm(x, w, offsets):
-    """y[rows of e] = x[rows of e] @ w[e], rows sorted by expert; offsets (M+1,) delimit each expert's rows.
-
-    split/unbind rather than slicing x[a:b] and w[e]: their backwards are one cat and one stack, where
-    slicing would allocate a full-size zero gradient of w for every expert."""
-    x_e = x.split(offsets.diff().tolist())                                        # M blocks of rows
-    return torch.cat([xe @ we for xe, we in zip(x_e, w.unbind(0))], dim=0)
 
 
 def sort_by_expert(indices, n_experts):

@@ -1,10 +1,14 @@
 """
-Benchmark one MoE layer, forward + backward, on this machine: unipool.py's sorted dispatch (one grouped matmul
-per weight) vs the naive loop that masks tokens per expert and scatter-adds them back (the Hugging Face Mixtral
-pattern, with per-expert weight views so it pays no extra gradient allocations) vs a dense SwiGLU whose hidden
-size is top_k times an expert's (the same active FLOPs). Run on a quiet machine:
+Benchmarks of the MoE dispatch. Run on a quiet machine:
 
-    python bench_moe.py
+    python -m kernels.bench
+
+1. (any device) One MoE layer, forward + backward: unipool.py's sorted dispatch (one grouped matmul per weight)
+   vs the naive loop that masks tokens per expert and scatter-adds them back (the Hugging Face Mixtral pattern,
+   with per-expert weight views so it pays no extra gradient allocations) vs a dense SwiGLU whose hidden size is
+   top_k times an expert's (the same active FLOPs).
+2. (CUDA only) kernels/moe.py's grouped_mm, forward and forward + backward, at UniPool-like shapes: the Triton
+   kernel vs the PyTorch per-expert loop vs one dense matmul of the same FLOPs, in TFLOP/s.
 """
 import statistics
 import sys
@@ -15,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from common import parse_flags, run_main
-from unipool import build_moe_layers
+from kernels.moe import GroupedMM, grouped_mm_reference
+from unipool import build_moe_layers, sort_by_expert
 
 
 @dataclass
@@ -47,10 +52,40 @@ def median_ms(fn, reps):
     fn()  # warm-up
     times = []
     for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
+
+
+def gpu_grouped_mm(reps):
+    print("\n| T | d | M | top_k | pass | Triton TFLOP/s | per-expert loop TFLOP/s | dense TFLOP/s | Triton / loop |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for T, d, M, k in ((8192, 768, 64, 1), (8192, 768, 64, 2), (32768, 1024, 256, 1), (32768, 1024, 256, 2)):
+        hidden = 4 * d
+        indices = torch.randint(0, M, (T, k), device="cuda")
+        _, _, offsets = sort_by_expert(indices, M)
+        x = torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(M, d, hidden, device="cuda", dtype=torch.bfloat16) / d ** 0.5).requires_grad_()
+        dense_w = (torch.randn(d, hidden, device="cuda", dtype=torch.bfloat16) / d ** 0.5).requires_grad_()
+        flops = 2 * T * k * d * hidden
+        for name, passes in (("forward", 1), ("forward+backward", 3)):
+            def step(f):
+                def run():
+                    y = f()
+                    if passes == 3:
+                        y.backward(torch.ones_like(y))
+                return run
+            t_tri = median_ms(step(lambda: GroupedMM.apply(x, w, offsets)), reps)
+            t_loop = median_ms(step(lambda: grouped_mm_reference(x, w, offsets)), reps)
+            t_dense = median_ms(step(lambda: x @ dense_w), reps)
+            tf = lambda ms: passes * flops / ms / 1e9
+            print(f"| {T} | {d} | {M} | {k} | {name} | {tf(t_tri):.0f} | {tf(t_loop):.0f} | {tf(t_dense):.0f} | "
+                  f"{t_loop / t_tri:.2f}x |")
 
 
 def main():
@@ -80,6 +115,9 @@ def main():
         t_sorted, t_loop, t_dense = (median_ms(f, cfg.reps) for f in (sorted_step, loop_step, dense_step))
         print(f"| {k} | {t_sorted:.1f} | {t_loop:.1f} | {t_dense:.1f} | {t_loop / t_sorted:.2f}x | "
               f"{t_sorted / t_dense:.2f}x |")
+    if torch.cuda.is_available():
+        print(f"\n{torch.cuda.get_device_name()}: grouped_mm, bf16, median of {cfg.reps}")
+        gpu_grouped_mm(cfg.reps)
 
 
 if __name__ == "__main__":
