@@ -384,8 +384,10 @@ def train(cfg):
             eta = (time.time() - t_start) / done * (cfg.max_iters - it - 1)
             print(f"iter {it + 1} | loss {loss_sum:.4f}" + (f" (aux {aux_sum:.4f})" if layers else "") + f" | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                   f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_seconds(eta)}")
-            append_jsonl(metrics_path, {"iter": it + 1, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr,
-                                        "ms_per_iter": dt * 1000})
+            record = {"iter": it + 1, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr, "ms_per_iter": dt * 1000}
+            if layers:  # tokens per expert in each layer (last micro-batch): how balanced the routing is
+                record["expert_counts"] = [c.tolist() for c in out.aux["counts"]]
+            append_jsonl(metrics_path, record)
 
     if master:
         wall = time.time() - t_start

@@ -97,28 +97,24 @@ def build_moe_layers(kind, n_layer, dim, hidden, n_experts=8, pool_size=0, pool_
         raise ValueError("n_experts, top_k, expert_split, pool_groups must be >= 1 and pool_size >= 0")
     if hidden % m:
         raise ValueError(f"expert hidden size {hidden} is not divisible by expert_split={m}")
-    if kind == "moe":
-        pools, per_pool = [ExpertPool(n_experts * m, dim, hidden // m, init_std, init_std / math.sqrt(2 * n_layer))
-                           for _ in range(n_layer)], n_experts * m
-        layer_pool = list(range(n_layer))
+    if kind == "moe":  # one pool per layer
+        n_pools, per_pool = n_layer, n_experts * m
     else:
         if n_layer % pool_groups:
             raise ValueError(f"n_layer={n_layer} is not divisible by pool_groups={pool_groups}")
         total = (pool_size or n_experts * n_layer) * m
         if total % pool_groups:
             raise ValueError(f"pool_size={total // m} is not divisible by pool_groups={pool_groups}")
-        per_pool = total // pool_groups
-        pools = [ExpertPool(per_pool, dim, hidden // m, init_std, init_std / math.sqrt(2 * n_layer))
-                 for _ in range(pool_groups)]
-        layer_pool = [l * pool_groups // n_layer for l in range(n_layer)]
+        n_pools, per_pool = pool_groups, total // pool_groups
     if top_k * m > per_pool:
         raise ValueError(f"top_k={top_k * m} (after expert_split) exceeds the {per_pool} experts a layer can reach")
+    pools = [ExpertPool(per_pool, dim, hidden // m, init_std, init_std / math.sqrt(2 * n_layer)) for _ in range(n_pools)]
     make_router = NormRouter if router == "norm" else SoftmaxRouter
     layers = []
     for l in range(n_layer):
         r = make_router(dim, per_pool, top_k * m)
         nn.init.normal_(r.W.weight, std=init_std)
-        layers.append(MoE(r, pools[layer_pool[l]]))
+        layers.append(MoE(r, pools[l * n_pools // n_layer]))  # adjacent layers share a pool
     return layers
 
 
@@ -193,7 +189,3 @@ def random_routing(moe_layers, layers, seed=0):
         for l, r in saved.items():
             moe_layers[l].router = r
 
-
-def expert_usage(aux):
-    """Per-layer token counts per expert, (L, M) as a list of lists, for logs and the probe report."""
-    return [c.tolist() for c in aux["counts"]]
