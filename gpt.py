@@ -15,7 +15,7 @@ The seams that later papers use, each a single place in this file:
   - the attention score function (`attend`): softmax through F.scaled_dot_product_attention, or
     Self-Adjust Softmax (sa_softmax.py) with `attn_score="sa" | "sa_norm"`;
   - the attention mask (`GPT.forward(..., attn_mask=...)`): causal when None, else a boolean (B, T, S)
-    mask (True = may attend), or one such mask per layer;
+    mask (True = may attend) or a sparse pattern (sepllm.SparsePattern), or one such per layer;
   - the KV cache (`KVCache`): it stores keys BEFORE RoPE and tells the model which positions to rotate
     queries and keys with, so a cache that evicts tokens (SepCache, SinkCache) can re-number what it keeps.
 
@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.attention import sepllm_attention
 from sa_softmax import sa_attention
+from sepllm import SparsePattern
 
 
 @dataclass
@@ -129,9 +131,14 @@ class KVCache:
 def attend(q, k, v, mask, score="softmax", dropout_p=0.0):
     """Scaled dot-product attention; q (B, H, T, D), k, v (B, H, S, D).
 
-    mask None means causal (T == S); otherwise a boolean (B or 1, T, S) mask, True = may attend.
+    mask None means causal (T == S); a boolean (B or 1, T, S) mask, True = may attend; or a SparsePattern
+    (sepllm.py), computed by kernels/attention.py without materialising the mask.
     score: softmax through SDPA (fused where the backend has a kernel), or SA-Softmax (sa, sa_norm), eager.
     """
+    if isinstance(mask, SparsePattern):  # SepLLM / StreamingLLM rule: a sparse kernel, no (T, T) mask
+        if dropout_p > 0:
+            raise ValueError("attention dropout is not supported with sparse attention patterns; use dropout=0")
+        return sepllm_attention(q, k, v, mask.keep, mask.n_init, mask.n_local, score)
     if score != "softmax":
         return sa_attention(q, k, v, mask, normalized=score == "sa_norm", dropout_p=dropout_p)
     if mask is None:
@@ -244,7 +251,7 @@ class GPT(nn.Module):
             q_pos, k_pos, attn_mask = cache.start(idx)
         else:
             q_pos = k_pos = torch.arange(T, device=idx.device)
-        masks = attn_mask if isinstance(attn_mask, (list, tuple)) else [attn_mask] * len(self.blocks)
+        masks = attn_mask if isinstance(attn_mask, list) else [attn_mask] * len(self.blocks)
         x = self.drop(self.tok_emb(idx))                                            # (B, T, C)
         aux = {}
         for block, mask in zip(self.blocks, masks):

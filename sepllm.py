@@ -26,6 +26,8 @@ chunk is appended, so the size is ≤ c after every one-token step.
 
 Train it:  python train_lm.py --dataset=shakespeare --attn_mask=sepllm --n_init=3 --n_local=64
 """
+from typing import NamedTuple
+
 import torch
 
 SEPARATORS = (".", ",", "?", "!", ";", ":", "\n", " ", "\t")
@@ -66,28 +68,36 @@ def streaming_mask(T, n_init, n_local, device=None):
     return keep_mask(torch.zeros(1, T, dtype=torch.bool, device=device), n_init, n_local)
 
 
+def fixed_interval_keep(T, every=5, device=None):
+    """FixLLM keeps every `every`-th token instead of the separators: (T,) bool."""
+    return torch.arange(T, device=device) % every == every - 1
+
+
 def fixed_interval_mask(T, n_init, n_local, every=5, device=None):
-    """FixLLM: keep every `every`-th token instead of the separators, (1, T, T)."""
-    return keep_mask((torch.arange(T, device=device) % every == every - 1)[None], n_init, n_local)
+    """FixLLM's mask, (1, T, T)."""
+    return keep_mask(fixed_interval_keep(T, every, device)[None], n_init, n_local)
 
 
-def layer_masks(make_mask, windows, n_layer):
-    """One mask per layer from a per-layer list of windows (0 = full causal attention, mask None);
-    make_mask(w) builds the mask for window w, once per distinct w."""
-    if len(windows) != n_layer:
-        raise ValueError(f"{len(windows)} layer windows for {n_layer} layers")
-    cache = {}
-    return [None if w == 0 else cache.setdefault(w, make_mask(w)) for w in windows]
+class SparsePattern(NamedTuple):
+    """Rule (1) as data, for attention that never builds the (T, T) mask (kernels/attention.py)."""
+    keep: torch.Tensor   # (B, T) bool: keys kept beyond sinks and window (separators; none for StreamingLLM)
+    n_init: int          # a
+    n_local: int         # w
+
+    def dense(self):
+        return keep_mask(self.keep, self.n_init, self.n_local)
 
 
 def kept_fraction(masks):
-    """Kept share of the causal (query, key) pairs, averaged over layers (None = full)."""
+    """Kept share of the causal (query, key) pairs, averaged over layers. Each entry: a (B, T, T) bool mask,
+    a SparsePattern, or None (full attention)."""
     masks = masks if isinstance(masks, list) else [masks]
     out = []
     for m in masks:
         if m is None:
             out.append(1.0)
         else:
+            m = m.dense() if isinstance(m, SparsePattern) else m
             T = m.shape[-1]
             out.append(m.float().sum().item() / (m.shape[0] * T * (T + 1) / 2))
     return sum(out) / len(out)

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
                     pick_device, run_main, save_atomic, sha256_of, write_json)
 from gpt import GPT, GPTConfig, ffn_hidden_size
-from kernels.moe import set_backend
-from sepllm import SEPARATORS, fixed_interval_mask, layer_masks, separator_ids, sepllm_mask, streaming_mask
+from kernels import set_backend
+from sepllm import SEPARATORS, SparsePattern, fixed_interval_keep, is_separator, separator_ids
 from unipool import MoE, aux_losses, build_moe_layers
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -209,14 +209,13 @@ def get_lr(cfg, it):
 
 
 def make_masks(cfg, kind, x, sep_ids):
-    """Attention masks for a batch x (B, T) under --attn_mask kind: None (full) or one mask per layer."""
+    """The attention pattern of a batch x (B, T) under --attn_mask kind: None (full) or one per layer."""
     if kind == "full":
         return None
-    T = x.shape[1]
-    build = {"sepllm": lambda w: sepllm_mask(x, sep_ids, cfg.n_init, w),
-             "streaming": lambda w: streaming_mask(T, cfg.n_init, w, x.device),
-             "fixed": lambda w: fixed_interval_mask(T, cfg.n_init, w, device=x.device)}[kind]
-    return layer_masks(build, layer_windows(cfg), cfg.n_layer)
+    keep = {"sepllm": lambda: is_separator(x, sep_ids),
+            "streaming": lambda: torch.zeros_like(x, dtype=torch.bool),
+            "fixed": lambda: fixed_interval_keep(x.shape[1], device=x.device).expand_as(x)}[kind]()
+    return [None if w == 0 else SparsePattern(keep, cfg.n_init, w) for w in layer_windows(cfg)]
 
 
 def layer_windows(cfg):
@@ -415,6 +414,8 @@ def main():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(allowed)}")
     layer_windows(cfg)
+    if cfg.attn_mask != "full" and cfg.dropout > 0:
+        raise UserError("--dropout must be 0 with a sparse --attn_mask (the sparse kernels have no attention dropout)")
     try:
         set_backend(cfg.kernels)
     except ValueError as e:

@@ -9,6 +9,8 @@ Benchmarks of the MoE dispatch. Run on a quiet machine:
    top_k times an expert's (the same active FLOPs).
 2. (CUDA only) kernels/moe.py's grouped_mm, forward and forward + backward, at UniPool-like shapes: the Triton
    kernel vs the PyTorch per-expert loop vs one dense matmul of the same FLOPs, in TFLOP/s.
+3. SepLLM attention (kernels/attention.py), ~10 % separators, a = 3, w = 64: on the CPU the gathering fast path
+   vs dense SDPA with a boolean mask; on CUDA the Triton kernel vs FlexAttention with the same mask vs dense SDPA.
 """
 import statistics
 import sys
@@ -19,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from common import parse_flags, run_main
+from kernels.attention import TritonSepAttention, fast_attention
 from kernels.moe import GroupedMM, grouped_mm_reference
+from sepllm import keep_mask
 from unipool import build_moe_layers, sort_by_expert
 
 
@@ -88,6 +92,43 @@ def gpu_grouped_mm(reps):
                   f"{t_loop / t_tri:.2f}x |")
 
 
+def sepllm_attention_bench(reps, device, lengths=(1024, 4096, 8192)):
+    B, H, D, a, w = 1, 4, 32, 3, 64
+    print(f"\nSepLLM attention on {device}: B={B}, H={H}, head dim {D}, a={a}, w={w}, 10 % separators, "
+          f"median of {reps} (ms)\n")
+    fast = TritonSepAttention.apply if device == "cuda" else fast_attention
+    name = "Triton" if device == "cuda" else "gathering fast path"
+    print(f"| T | pass | {name} | dense SDPA + bool mask | dense / {name} |" + (" FlexAttention |" if device == "cuda" else "")
+          + "\n|---|---|---|---|---|" + ("---|" if device == "cuda" else ""))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for T in lengths:
+        g = torch.Generator().manual_seed(T)
+        q, k, v = (torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+        keep = (torch.rand(B, T, generator=g) < 0.1).to(device)
+        mask = keep_mask(keep, a, w)[:, None]
+        out_fast, out_dense = fast(q, k, v, keep, a, w, "softmax"), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(out_fast.float(), out_dense.float(), rtol=2e-2 if device == "cuda" else 1e-4,
+                                   atol=2e-2 if device == "cuda" else 1e-5)
+        flex = None
+        if device == "cuda":
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            rule = lambda b, h, i, j: (j <= i) & ((j < a) | keep[b, j] | (i - j < w))
+            block_mask = create_block_mask(rule, B, None, T, T, device=device)
+            flex_c = torch.compile(flex_attention)
+            flex = lambda: flex_c(q, k, v, block_mask=block_mask)
+        for label, backward in (("forward", False), ("forward+backward", True)):
+            def timed(f):
+                def run():
+                    y = f()
+                    if backward:
+                        y.backward(torch.ones_like(y))
+                return median_ms(run, reps)
+            t_fast = timed(lambda: fast(q, k, v, keep, a, w, "softmax"))
+            t_dense = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            row = f"| {T} | {label} | {t_fast:.1f} | {t_dense:.1f} | {t_dense / t_fast:.2f}x |"
+            print(row + (f" {timed(flex):.1f} |" if flex else ""))
+
+
 def main():
     cfg = parse_flags(BenchConfig, sys.argv[1:])
     torch.manual_seed(cfg.seed)
@@ -118,6 +159,7 @@ def main():
     if torch.cuda.is_available():
         print(f"\n{torch.cuda.get_device_name()}: grouped_mm, bf16, median of {cfg.reps}")
         gpu_grouped_mm(cfg.reps)
+    sepllm_attention_bench(cfg.reps, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":

@@ -29,26 +29,14 @@ Inputs may be fp32, fp16 or bf16; accumulation is fp32, outputs take the input d
 tl.dot runs fp32 inputs in TF32 (as torch does with allow_tf32). Under TRITON_INTERPRET=1 (CPU) fp32 and fp16
 are exact but bf16 is not supported correctly: test bf16 on a GPU only.
 
-Backend: `auto` = Triton for CUDA tensors, the reference elsewhere; set_backend("triton" | "torch" | "auto").
+Backend (kernels/__init__.py): auto = Triton for CUDA tensors, the reference elsewhere.
 """
 import torch
 
-try:
-    import triton
+from kernels import triton, use_triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # macOS / Windows: the PyTorch reference still works
-    triton = None
-
-_backend = "auto"
-
-
-def set_backend(name):
-    global _backend
-    if name not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernel backend must be auto, triton or torch, got {name!r}")
-    if name == "triton" and triton is None:
-        raise ValueError("--kernels=triton but triton is not installed; pip install triton (Linux) or use torch")
-    _backend = name
 
 
 # ----------------------------------------------------------------------------- reference
@@ -163,5 +151,4 @@ class GroupedMM(torch.autograd.Function):
 
 def grouped_mm(x, w, offsets):
     """y[rows of e] = x[rows of e] @ w[e]; x (rows, K) sorted by expert, w (E, K, N), offsets (E+1,)."""
-    use_triton = _backend == "triton" or (_backend == "auto" and x.is_cuda and triton is not None)
-    return GroupedMM.apply(x, w, offsets) if use_triton else grouped_mm_reference(x, w, offsets)
+    return GroupedMM.apply(x, w, offsets) if use_triton(x) else grouped_mm_reference(x, w, offsets)

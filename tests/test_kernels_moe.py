@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from kernels import moe
 from kernels.moe import GroupedMM, block_schedule, grouped_mm_reference
 from unipool import build_moe_layers
@@ -66,7 +67,7 @@ def test_moe_layer_same_with_either_backend():
     x = torch.randn(2, 19, 16)
     results = []
     for backend in ("torch", "triton"):
-        moe.set_backend(backend)
+        kernels.set_backend(backend)
         try:
             xb = x.clone().requires_grad_()
             y, _ = layer(xb)
@@ -74,11 +75,11 @@ def test_moe_layer_same_with_either_backend():
             results.append((y.detach(), xb.grad, layer.pool.w1.grad.clone(), layer.router.W.weight.grad.clone()))
             layer.zero_grad()
         finally:
-            moe.set_backend("auto")
+            kernels.set_backend("auto")
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_backend_names_are_checked():
     with pytest.raises(ValueError, match="auto, triton or torch"):
-        moe.set_backend("cuda")
+        kernels.set_backend("cuda")

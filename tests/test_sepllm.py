@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt import GPT, GPTConfig, KVCache
-from sepllm import (SepCache, SinkCache, fixed_interval_mask, kept_fraction, layer_masks, separator_ids,
+from sepllm import (SepCache, SinkCache, SparsePattern, fixed_interval_mask, kept_fraction, separator_ids,
                     sepllm_mask, streaming_mask)
 
 SEP = [1, 2]
@@ -34,8 +34,9 @@ def test_kept_fraction():
     full = torch.ones(10, 10, dtype=torch.bool).tril()[None]
     assert kept_fraction(full) == 1.0
     assert kept_fraction(streaming_mask(10, 0, 1)) == pytest.approx(10 / 55)
-    masks = layer_masks(lambda w: streaming_mask(10, 0, w), [0, 1], 2)
-    assert masks[0] is None and kept_fraction(masks) == pytest.approx((1 + 10 / 55) / 2)
+    pattern = SparsePattern(torch.zeros(1, 10, dtype=torch.bool), 0, 1)
+    assert torch.equal(pattern.dense(), streaming_mask(10, 0, 1))
+    assert kept_fraction([None, pattern]) == pytest.approx((1 + 10 / 55) / 2)
 
 
 def test_separator_ids_from_tokenizers():
