@@ -122,6 +122,16 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"cannot read checkpoint {path}: {e}") from None
 
 
+def resume_from(path, config, keys, model, optimizer, device):
+    """Load a run's last checkpoint into model and optimizer, after checking that it was made with the same
+    config on `keys`; returns the checkpoint for the rest of its state."""
+    ckpt = load_checkpoint(path, device)
+    check_same(ckpt["config"], config, keys, path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt
+
+
 def check_same(saved, current, keys, path):
     """Raise UserError if the config stored in a checkpoint differs from the current one on any of `keys`."""
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
-                    pick_device, run_main, save_atomic, sha256_of, write_json)
+from common import (UserError, append_jsonl, download, fmt_seconds, parse_flags, pick_device, resume_from, run_main,
+                    save_atomic, sha256_of, write_json)
 from gpt import GPT, GPTConfig, ffn_hidden_size
 from kernels import set_backend
 from sepllm import SEPARATORS, SparsePattern, fixed_interval_keep, is_separator, separator_ids
@@ -119,9 +119,8 @@ class Tokenizer:
     """Characters of the text (shakespeare_char) or GPT-2's BPE through tiktoken (shakespeare)."""
 
     def __init__(self, dataset, chars=None):
-        self.dataset = dataset
+        self.dataset, self.chars = dataset, chars
         if dataset == "shakespeare_char":
-            self.chars = chars
             self.stoi = {c: i for i, c in enumerate(chars)}
             self.vocab_size = len(chars)
         elif dataset == "shakespeare":
@@ -160,7 +159,8 @@ def prepare_data(cfg):
     digest = sha256_of(path)
     out = os.path.join(os.path.expanduser(cfg.cache_dir), f"{cfg.dataset}-{digest[:12]}")
     meta_path = os.path.join(out, "meta.json")
-    if not os.path.exists(meta_path):
+    # meta.json is written last, so a run killed while tokenizing redoes the work instead of reading half of it
+    if not all(os.path.exists(os.path.join(out, f)) for f in ("meta.json", "train.bin", "val.bin")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
         if not text:
@@ -308,10 +308,7 @@ def train(cfg):
     last_path, best_path = (os.path.join(cfg.out_dir, f"ckpt_{n}.pt") for n in ("last", "best"))
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if cfg.resume:
-        ckpt = load_checkpoint(last_path, device)
-        check_same(ckpt["config"], asdict(cfg), MODEL_KEYS, last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
         gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_iter, best_val = ckpt["iter"], ckpt["best_val"]
@@ -335,7 +332,7 @@ def train(cfg):
 
     def checkpoint(it, path):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                     "best_val": best_val, "config": asdict(cfg), "chars": tok.chars if hasattr(tok, "chars") else None,
+                     "best_val": best_val, "config": asdict(cfg), "chars": tok.chars,
                      "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}, path)
 
     t_start = t_log = time.time()
@@ -363,7 +360,8 @@ def train(cfg):
         x, y = get_batch(data["train"], cfg.batch_size * cfg.grad_accum * world, cfg.block_size, gen)
         loss_sum = aux_sum = 0.0
         for micro in range(cfg.grad_accum):
-            rows = slice((rank * cfg.grad_accum + micro) * cfg.batch_size, (rank * cfg.grad_accum + micro + 1) * cfg.batch_size)
+            first = (rank * cfg.grad_accum + micro) * cfg.batch_size
+            rows = slice(first, first + cfg.batch_size)
             sync = not ddp or micro == cfg.grad_accum - 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 xb = x[rows].to(device)
@@ -381,7 +379,8 @@ def train(cfg):
             dt = (time.time() - t_log) / (cfg.log_interval if it > start_iter else 1)
             t_log = time.time()
             eta = (time.time() - t_start) / done * (cfg.max_iters - it - 1)
-            print(f"iter {it + 1} | loss {loss_sum:.4f}" + (f" (aux {aux_sum:.4f})" if layers else "") + f" | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+            aux_note = f" (aux {aux_sum:.4f})" if layers else ""
+            print(f"iter {it + 1} | loss {loss_sum:.4f}{aux_note} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                   f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_seconds(eta)}")
             record = {"iter": it + 1, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr, "ms_per_iter": dt * 1000}
             if layers:  # tokens per expert in each layer (last micro-batch): how balanced the routing is

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
-                    pick_device, run_main, save_atomic, write_json)
+from common import (UserError, append_jsonl, download, fmt_seconds, load_checkpoint, parse_flags, pick_device,
+                    resume_from, run_main, save_atomic, write_json)
 from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir, load_movielens_zip
 
 ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
@@ -104,10 +104,7 @@ def train(cfg):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "bad_evals": 0}
     if cfg.resume:
-        ckpt = load_checkpoint(last_path, device)
-        check_same(ckpt["config"], asdict(cfg), MODEL_KEYS, last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
         gen.set_state(ckpt["rng"])
         state = ckpt["state"]
         print(f"resuming from {last_path} after epoch {state['epoch']}")
