@@ -72,12 +72,13 @@ class MoE(nn.Module):
         r: RouterOutput = self.router(h)
         k = r.indices.shape[1]
         order, counts, offsets = sort_by_expert(r.indices, self.pool.n_experts)
-        xs = h[order // k]                                                        # (N·k, d) rows sorted by expert
+        # index_select, not h[idx]: its backward is an index_add, cheaper on the CPU than indexing's index_put
+        xs = h.index_select(0, order // k)                                        # (N·k, d) rows sorted by expert
         # e_i(x) = W2 (silu(W1 x) * W3 x), one grouped matmul per weight
         a = F.silu(grouped_mm(xs, self.pool.w1, offsets)) * grouped_mm(xs, self.pool.w3, offsets)
         ys = grouped_mm(a, self.pool.w2, offsets)                                 # (N·k, d)
         inverse = torch.argsort(order)                                            # un-sort with a gather
-        y = ys[inverse].view(-1, k, d)                                            # (N, k, d)
+        y = ys.index_select(0, inverse).view(-1, k, d)                            # (N, k, d)
         # FFN(x) = Σ_{i ∈ TopK} g_i(x) · e_i(x)
         y = (r.gates.to(y.dtype).unsqueeze(-1) * y).sum(1)                        # (N, d)
         return y.view(B, T, d), {"scores": r.scores, "counts": counts, "logits": r.logits}
