@@ -31,7 +31,6 @@ import os
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -51,7 +50,7 @@ class Interactions:
     n_users: int
     n_items: int
     train: np.ndarray             # (E, 2) int64 (user, item), unique pairs
-    val: Optional[np.ndarray]     # (E_val, 2) or None
+    val: np.ndarray               # (E_val, 2)
     test: np.ndarray              # (E_test, 2)
 
 

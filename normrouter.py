@@ -43,9 +43,11 @@ def normrouter_scale(n_experts, top_k, n_samples=100_000, seed=42):
     inv_norms = []
     for start in range(0, n_samples, 10_000):  # chunks keep memory at 10k x M
         x = torch.randn(min(10_000, n_samples - start), n_experts, generator=g, dtype=torch.float64)
+        # y = relu(x / ‖x‖)
         y = F.relu(x / x.norm(dim=1, keepdim=True))
         top_norm = y.topk(top_k, dim=1).values.norm(dim=1)
         inv_norms.append(1.0 / top_norm[top_norm > 0])
+    # c = E[1 / ‖topk(y)‖₂]
     return torch.cat(inv_norms).mean().item()
 
 

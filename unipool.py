@@ -20,7 +20,8 @@ Variants: grouped pools (every G adjacent layers share a pool), reduced pools (M
 
 Dispatch: the T·k (token, expert) assignments are sorted by expert so each expert multiplies one contiguous
 block of rows (a grouped matmul: kernels/moe.py, Triton on GPU); outputs are un-sorted with a gather and
-summed over k through a view, so no scatter-add with repeated indices (deterministic).
+summed over k through a view, so the forward has no scatter-add with repeated indices. (The gather's backward
+adds each token's k rows: deterministic on the CPU, atomic adds on CUDA when k > 1.)
 
 Choices: the auxiliary losses are summed over layers (Switch) and over pools (pool loss, one term per
 group of layers); f̄ comes from the current batch's detached counts; the routing probe keeps the learned
@@ -122,23 +123,28 @@ def build_moe_layers(kind, n_layer, dim, hidden, n_experts=8, pool_size=0, pool_
 # ----------------------------------------------------------------------------- losses (returned to the caller)
 
 def load_stats(scores, counts, top_k):
-    """f_i = counts_i / (T·k) (a count: no gradient) and P_i = mean_t s_ti, both in fp32."""
+    """One layer's routing statistics, in fp32. scores (T, M) router scores, counts (M,) assignments."""
+    # f_i = (#tokens routed to i) / (T·k)   (a count: no gradient)
     f = counts.float() / (scores.shape[0] * top_k)
+    # P_i = (1/T) Σ_t s_ti
     P = scores.float().mean(0)
     return f, P
 
 
 def switch_loss(scores, counts, top_k):
-    """L_switch^(l) = E · Σ_i f_i · P_i  (times α by the caller); minimum 1 at perfectly uniform routing."""
+    """One layer's Switch loss before α; its minimum, 1, is perfectly uniform routing."""
     f, P = load_stats(scores, counts, top_k)
+    # L_switch^(l) = E · Σ_i f_i^(l) · P_i^(l)
     return scores.shape[1] * (f * P).sum()
 
 
 def pool_loss(scores_per_layer, counts_per_layer, top_k):
-    """L_pool = M · Σ_i f̄_i · P̄_i with f̄, P̄ averaged over the layers that share the pool (times α)."""
+    """The pool-level loss before α, over the layers that share one pool."""
     stats = [load_stats(s, c, top_k) for s, c in zip(scores_per_layer, counts_per_layer)]
+    # f̄_i = mean_l f_i^(l),   P̄_i = mean_l P_i^(l)
     f_bar = torch.stack([f for f, _ in stats]).mean(0)
     P_bar = torch.stack([P for _, P in stats]).mean(0)
+    # L_pool = M · Σ_i f̄_i · P̄_i
     return scores_per_layer[0].shape[1] * (f_bar * P_bar).sum()
 
 
