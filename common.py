@@ -31,6 +31,11 @@ def parse_flags(cls, argv):
 
     Unknown keys and values of the wrong type raise UserError naming the flag and the expected type."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        print("flags (--key=value), with their defaults; the config dataclass in the script says what each does:")
+        for f in fields.values():
+            print(f"  --{f.name}={f.default!r}")
+        sys.exit(0)
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
