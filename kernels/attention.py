@@ -58,23 +58,23 @@ def reference_attention(q, k, v, keep, n_init, n_local, score="softmax"):
 
 
 def kept_columns(keep, n_init):
-    """Sorted positions j with j < a or keep[j], per sequence, padded: (B, T) int64, and their count (B,)."""
+    """The visible-beyond-the-window keys (j < a or keep[j]) of each sequence: their positions in order, padded,
+    (B, T) int64, and kept_before (B, T+1): how many of them lie left of each position."""
     kept = keep.clone()
     kept[:, :n_init] = True
-    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)              # kept positions first, in order
-    return order, kept.sum(1)
+    cols = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)               # kept positions first, in order
+    return cols, F.pad(torch.cumsum(kept, 1), (1, 0))
 
 
 def fast_attention(q, k, v, keep, n_init, n_local, score="softmax", block=128):
     """Per query block: gather the visible columns left of the window, take the window as it is, attend."""
     B, H, T, D = q.shape
-    cols, _ = kept_columns(keep, n_init)
-    kept_before = torch.cumsum(keep | (torch.arange(T, device=q.device) < n_init), 1)  # (B, T) inclusive counts
+    cols, kept_before = kept_columns(keep, n_init)
     outs = []
     for q0 in range(0, T, block):
         q1 = min(q0 + block, T)
         lo = max(0, q0 - n_local + 1)
-        n = kept_before[:, lo - 1] if lo > 0 else torch.zeros(B, dtype=torch.long, device=q.device)  # (B,)
+        n = kept_before[:, lo]                                                    # (B,) gathered columns
         n_max = int(n.max())
         idx = torch.cat([cols[:, :n_max], torch.arange(lo, q1, device=q.device).expand(B, -1)], 1)   # (B, S)
         valid = torch.cat([torch.arange(n_max, device=q.device)[None] < n[:, None],
@@ -266,8 +266,7 @@ def _layout(keep, n_init, n_local, T):
     """Host-side schedule: kept columns, how many lie left of each query block's window, and for each key block
     the end of the queries that can see it."""
     B = keep.shape[0]
-    cols, _ = kept_columns(keep, n_init)
-    kept_before = F.pad(torch.cumsum(keep | (torch.arange(T, device=keep.device) < n_init), 1), (1, 0))  # (B, T+1)
+    cols, kept_before = kept_columns(keep, n_init)
     n_q = triton.cdiv(T, BLOCK_M)
     lo = (torch.arange(n_q, device=keep.device) * BLOCK_M - n_local + 1).clamp(min=0)                   # (n_q,)
     ncols = kept_before[:, lo]                                                                          # (B, n_q)
