@@ -13,13 +13,18 @@ Every flag is a field of RecConfig below, written --key=value.
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 
-from common import (UserError, append_jsonl, download, fmt_seconds, load_checkpoint, parse_flags, pick_device,
-                    resume_from, run_main, save_atomic, write_json)
+from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
+                    pick_device, resume_from, run_main, save_atomic, write_json)
 from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir, load_movielens_zip
+from lightgnn import (PrunableLightGCN, distill_loss, edge_scores, high_order, propagation_cost, prune_round,
+                      two_hop_pairs)
+from unlearnrec import (InfluenceEncoder, align_loss, never_seen_pairs, random_requests, read_requests, remove_edges,
+                        request_adjacency, score_report, unlearn_loss)
 
 ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 ML_SMALL_SHA256 = "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436"
@@ -30,8 +35,10 @@ TEXT_DATASETS = {  # LightGCN text format; where a copy can be found
     "yelp2018": "gusye1234/LightGCN-PyTorch data/yelp2018",
     "amazon-book": "gusye1234/LightGCN-PyTorch data/amazon-book",
 }
-MODEL_KEYS = ("dataset", "min_rating", "val_frac", "test_frac", "seed", "dim", "n_layers", "combine", "self_loops",
-              "method")
+DATA_KEYS = ("dataset", "min_rating", "val_frac", "test_frac", "seed")
+BASE_KEYS = ("dim", "n_layers", "combine", "self_loops", "graph_edges", "lr", "decay", "batch_size", "epochs",
+             "eval_every", "patience")                # what a retraining copies from the base model's run
+MODEL_KEYS = DATA_KEYS + ("dim", "n_layers", "combine", "self_loops", "graph_edges", "method")
 
 
 @dataclass
@@ -50,6 +57,43 @@ class RecConfig:
     n_layers: int = 3
     combine: str = "mean"               # mean (LightGCN) | sum (LightGNN, UnlearnRec)
     self_loops: bool = False
+    graph_edges: float = 1.0            # share of training interactions in the propagation graph (random, seeded);
+                                        # BPR still uses all of them. <1 is LightGNN's control: a random sparse graph
+    # lightgnn (--method=lightgnn): teacher -> intermediate -> student rounds; --epochs is the teacher's
+    teacher: str = ""                   # a saved teacher (train_rec checkpoint) to reuse instead of training one
+    intermediate: str = ""              # a saved intermediate (out_dir/intermediate/ckpt_best.pt) to reuse
+    teacher_layers: int = 8
+    mid_layers: int = 6
+    mid_topk: int = 10                  # 2-hop user-user / item-item links kept per node in the augmented graph
+    mid_epochs: int = 30
+    student_layers: int = 2
+    rounds: int = 10                    # pruning rounds; (1-rho)^rounds of edges stay
+    round_epochs: int = 10              # student epochs per round (the best-validation epoch is kept)
+    rho: float = 0.15                   # share of kept edges pruned per round
+    rho_emb: float = 0.2                # share of kept embedding entries pruned per round
+    beta1: float = 0.5                  # edge score weight of σ(intermediate's e_u · e_i)
+    beta2: float = 0.5                  # edge score weight of the intermediate's learned edge weight
+    kd_pred: float = 1.0                # prediction-level KD weight, temperature
+    kd_tau: float = 0.03
+    kd_emb: float = 0.01                # embedding-level KD (InfoNCE) weight, temperature
+    kd_emb_tau: float = 0.1
+    uni: float = 1.0                    # uniformity weight, temperature
+    uni_tau: float = 1.0
+    kd_nodes: int = 1024                # batch users / items in the embedding KD and uniformity (cost: × all nodes)
+    # unlearnrec (--method=unlearnrec): forget edges of a trained LightGCN
+    base: str = ""                      # the trained model (a train_rec lightgcn checkpoint)
+    forget: str = ""                    # file of `user item` lines | a fraction of training edges | adversarial
+    encoder: str = ""                   # a pre-trained influence encoder to reuse (out_dir/encoder_pretrained.pt)
+    pre_epochs: int = 10                # encoder pre-training on random requests
+    pre_frac: float = 0.1               # size of a random request, as a share of the training edges
+    redraw_every: int = 2               # epochs between random requests
+    finetune_epochs: int = 2            # on the real request
+    lambda_u: float = 1.0               # weight of L_u (push forgotten pairs down)
+    lambda_a: float = 0.01              # weight of L_align (keep the rest)
+    align_tau: float = 1.0
+    align_pairs: int = 1024             # (user, positive) pairs of a batch in L_align
+    eta0: float = 2e-3                  # initial withdraw rate η
+    omega: float = 0.1                  # ω
     # optimisation
     lr: float = 1e-3
     decay: float = 1e-4                 # L2 on the batch's layer-0 embeddings
@@ -86,24 +130,21 @@ def load_data(cfg):
         raise UserError(str(e)) from None
 
 
-def train(cfg):
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
-    print(f"{cfg.dataset}: {data.n_users} users, {data.n_items} items, "
-          f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test interactions")
-    A_hat = Graph(data.n_users, data.n_items, data.train, cfg.self_loops).normalized().to(device)
-    model = LightGCN(data.n_users, data.n_items, cfg.dim, cfg.n_layers, cfg.combine).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, params=None, after_step=None, resume=False):
+    """The BPR loop every method shares: each epoch visits data.train once in a random order, each pair with a
+    sampled negative; loss_fn(u, i, j) -> scalar; embed() -> (E_user, E_item) for validation Recall every
+    eval_every epochs; atomic best / last checkpoints of `model` in out_dir; early stopping on validation.
+    Leaves `model` at its best-validation state and returns the run's state dict."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters() if params is None else params, lr=cfg.lr)
     sampler = NegativeSampler(data.train, data.n_items)
     train_pairs = torch.from_numpy(data.train)
     gen = torch.Generator().manual_seed(cfg.seed)
-
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path, best_path = (os.path.join(cfg.out_dir, f"ckpt_{n}.pt") for n in ("last", "best"))
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "bad_evals": 0}
-    if cfg.resume:
+    os.makedirs(out_dir, exist_ok=True)
+    last_path, best_path = (os.path.join(out_dir, f"ckpt_{n}.pt") for n in ("last", "best"))
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0}
+    if resume:
         ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
         gen.set_state(ckpt["rng"])
         state = ckpt["state"]
@@ -116,34 +157,32 @@ def train(cfg):
                      "state": state, "config": asdict(cfg)}, path)
 
     key = f"recall@{cfg.topk}"
-    t_start = time.time()
-    while state["epoch"] < cfg.epochs and state["bad_evals"] < cfg.patience:
+    while state["epoch"] < epochs and state["bad_evals"] < cfg.patience:
         t0 = time.time()
         perm = torch.randperm(len(train_pairs), generator=gen)
         total = 0.0
         for s in range(0, len(perm), cfg.batch_size):
             u, i = train_pairs[perm[s:s + cfg.batch_size]].T
             j = sampler(u, gen)
-            u, i, j = u.to(device), i.to(device), j.to(device)
-            E_user, E_item = model(A_hat)
-            E0_user, E0_item = model.E0.split([data.n_users, data.n_items])
-            bpr, l2 = bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, cfg.decay)
-            loss = bpr + l2
+            loss = loss_fn(u.to(device), i.to(device), j.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total += loss.item() * len(u)
         state["epoch"] += 1
         dt = time.time() - t0
+        state["train_seconds"] += dt
         loss = total / len(perm)
         if not torch.isfinite(torch.tensor(loss)):
             raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last good checkpoint is kept. "
                             f"Lower --lr")
         record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": len(perm) / dt}
         line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {len(perm) / dt:,.0f} triples/s"
-        if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == cfg.epochs:
+        if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == epochs:
             with torch.no_grad():
-                E_user, E_item = model(A_hat)
+                E_user, E_item = embed()
             val = evaluate(E_user, E_item, data.val, [data.train], cfg.topk, cfg.eval_batch)
             record.update({f"val_{k}": v for k, v in val.items()})
             line += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
@@ -156,39 +195,301 @@ def train(cfg):
             checkpoint(last_path)
         print(line)
         append_jsonl(metrics_path, record)
-
     if not os.path.exists(best_path):
-        raise UserError(f"no evaluation happened (epochs={cfg.epochs} < eval_every={cfg.eval_every}); "
+        raise UserError(f"no evaluation happened (epochs={epochs} < eval_every={cfg.eval_every}); "
                         f"lower --eval_every")
     model.load_state_dict(load_checkpoint(best_path, device)["model"])
-    with torch.no_grad():
-        E_user, E_item = model(A_hat)
+    return state
+
+
+@torch.no_grad()
+def report(cfg, data, E_user, E_item):
+    """Validation and test metrics of final embeddings (test excludes train and val items)."""
     val = evaluate(E_user, E_item, data.val, [data.train], cfg.topk, cfg.eval_batch)
     test = evaluate(E_user, E_item, data.test, [data.train, data.val], cfg.topk, cfg.eval_batch)
+    return val, test
+
+
+def metrics_line(val, test):
+    return ("val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + " | test "
+            + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
+
+
+def graph_edges(cfg, data):
+    """The interactions the propagation graph is built from: all, or a seeded random --graph_edges share."""
+    if cfg.graph_edges >= 1:
+        return data.train
+    rng = np.random.default_rng(cfg.seed)
+    keep = rng.permutation(len(data.train))[:int(round(cfg.graph_edges * len(data.train)))]
+    return data.train[np.sort(keep)]
+
+
+def train_lightgcn(cfg, data, device, out_dir, resume=False):
+    """Plain LightGCN + BPR. Returns (model, A_hat, fit state)."""
+    torch.manual_seed(cfg.seed)
+    A_hat = Graph(data.n_users, data.n_items, graph_edges(cfg, data), cfg.self_loops).normalized().to(device)
+    model = LightGCN(data.n_users, data.n_items, cfg.dim, cfg.n_layers, cfg.combine).to(device)
+
+    def loss_fn(u, i, j):
+        E_user, E_item = model(A_hat)
+        E0_user, E0_item = model.E0.split([data.n_users, data.n_items])
+        bpr, l2 = bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, cfg.decay)
+        return bpr + l2
+
+    state = fit(cfg, data, model, loss_fn, lambda: model(A_hat), out_dir, cfg.epochs, resume=resume)
+    return model, A_hat, state
+
+
+def train(cfg, data, device):
+    t_start = time.time()
+    model, A_hat, state = train_lightgcn(cfg, data, device, cfg.out_dir, cfg.resume)
+    with torch.no_grad():
+        val, test = report(cfg, data, *model(A_hat))
     wall = time.time() - t_start
-    print(f"best epoch {state['best_epoch']} | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
-          + " | test " + " ".join(f"{k} {v:.4f}" for k, v in test.items()) + f" | {fmt_seconds(wall)} wall")
+    print(f"best epoch {state['best_epoch']} | {metrics_line(val, test)} | {fmt_seconds(wall)} wall")
     write_json(os.path.join(cfg.out_dir, "summary.json"),
                {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "val": val, "test": test,
                 "wall_seconds": wall, "device": device, "config": asdict(cfg)})
+
+
+def train_lightgnn_pipeline(cfg, data, device):
+    """LightGNN: teacher -> intermediate -> student pruning rounds (lightgnn.py). Each stage lives in a
+    subfolder of out_dir; --teacher / --intermediate reuse saved stages (checked against this data set)."""
+    t_start = time.time()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    rows = []
+
+    def row(name, E_user, E_item, seconds, edges_kept, entries_kept, cost):
+        val, test = report(cfg, data, E_user, E_item)
+        rows.append({"model": name, "edges_kept": edges_kept, "entries_kept": entries_kept, "cost": cost / teacher_cost,
+                     "val": val, "test": test, "train_seconds": seconds})
+        print(f"== {name} | edges {edges_kept:.3f} | entries {entries_kept:.3f} | cost {cost / teacher_cost:.3f} "
+              f"| {metrics_line(val, test)} | {fmt_seconds(seconds)}")
+        write_json(os.path.join(cfg.out_dir, "summary.json"), {"rounds": rows, "config": asdict(cfg)})
+
+    # teacher: deep LightGCN (layer sum) on norm(A + I)
+    t_cfg = replace(cfg, method="lightgcn", n_layers=cfg.teacher_layers, combine="sum", self_loops=True,
+                    graph_edges=1.0)
+    if cfg.teacher:
+        ckpt = load_checkpoint(cfg.teacher, device)
+        check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim",), cfg.teacher)
+        t_cfg = replace(t_cfg, **{k: ckpt["config"][k] for k in ("n_layers", "combine", "self_loops")})
+        teacher = LightGCN(data.n_users, data.n_items, cfg.dim, t_cfg.n_layers, t_cfg.combine).to(device)
+        teacher.load_state_dict(ckpt["model"])
+        t_seconds = ckpt["state"].get("train_seconds", float("nan"))
+        A_t = Graph(data.n_users, data.n_items, data.train, t_cfg.self_loops).normalized().to(device)
+    else:
+        teacher, A_t, state = train_lightgcn(t_cfg, data, device, os.path.join(cfg.out_dir, "teacher"))
+        t_seconds = state["train_seconds"]
+    teacher.requires_grad_(False)
+    T_user, T_item = teacher(A_t)
+    T_high = high_order(teacher, A_t)
+    teacher_cost = propagation_cost(t_cfg.n_layers, Graph(data.n_users, data.n_items, data.train, t_cfg.self_loops))
+    row("teacher", T_user, T_item, t_seconds, 1.0, 1.0, teacher_cost)
+
+    weights = {"pred": cfg.kd_pred, "tau": cfg.kd_tau, "emb": cfg.kd_emb, "emb_tau": cfg.kd_emb_tau,
+               "uni": cfg.uni, "uni_tau": cfg.uni_tau}
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def distill(model, tutor, out_dir, epochs):
+        """Train `model` (a PrunableLightGCN) with (1)-(3) + BPR against the tutor's final embeddings."""
+        def loss_fn(u, i, j):
+            E_user, E_item = model()
+            # random triples (u, i1, i2) for the prediction-level KD, as many as the batch
+            triples = [torch.randint(n, u.shape, generator=gen).to(device)
+                       for n in (data.n_users, data.n_items, data.n_items)]
+            return distill_loss(model, E_user, E_item, tutor, T_high, u, i, j, triples, weights, cfg.decay,
+                                cfg.kd_nodes)[0]
+        return fit(cfg, data, model, loss_fn, model, out_dir, epochs, after_step=model.zero_pruned)
+
+    # intermediate: learnable edge weights on norm(I + A + A²_top), distilled from the teacher
+    torch.manual_seed(cfg.seed)
+    extra = two_hop_pairs(data.train, data.n_users, data.n_items, cfg.mid_topk)
+    g_mid = Graph(data.n_users, data.n_items, data.train, True, extra).to(device)
+    mid = PrunableLightGCN(g_mid, cfg.dim, cfg.mid_layers).to(device)
+    if cfg.intermediate:
+        ckpt = load_checkpoint(cfg.intermediate, device)
+        check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim", "mid_layers", "mid_topk"), cfg.intermediate)
+        mid.load_state_dict(ckpt["model"])
+        m_seconds = ckpt["state"].get("train_seconds", float("nan"))
+    else:
+        m_seconds = distill(mid, (T_user, T_item), os.path.join(cfg.out_dir, "intermediate"),
+                            cfg.mid_epochs)["train_seconds"]
+    mid.requires_grad_(False)
+    M_user, M_item = mid()
+    row("intermediate", M_user, M_item, m_seconds, 1.0 + len(extra) / len(data.train), 1.0,
+        propagation_cost(cfg.mid_layers, g_mid))
+
+    # student: 2 layers, edge weights + masks, distilled from the intermediate, pruned after every round
+    g_s = Graph(data.n_users, data.n_items, data.train, True).to(device)
+    student = PrunableLightGCN(g_s, cfg.dim, cfg.student_layers).to(device)
+    edges_kept = entries_kept = 1.0
+    for r in range(cfg.rounds + 1):
+        if r > 0:
+            scores = edge_scores(student, M_user, M_item, mid.W, data.train, cfg.beta1, cfg.beta2)
+            edges_kept, entries_kept = prune_round(student, scores, cfg.rho, cfg.rho_emb)
+        state = distill(student, (M_user, M_item), os.path.join(cfg.out_dir, f"student_round{r}"), cfg.round_epochs)
+        with torch.no_grad():
+            row(f"student round {r}", *student(), state["train_seconds"], edges_kept, entries_kept,
+                propagation_cost(cfg.student_layers, g_s, student.edge_mask))
+    print(f"lightgnn pipeline done in {fmt_seconds(time.time() - t_start)}; table in {cfg.out_dir}/summary.json")
+
+
+def train_unlearnrec(cfg, data, device):
+    """UnlearnRec: forget --forget from the --base LightGCN with an influence encoder (unlearnrec.py), and
+    compare with the original model and with retraining from scratch without the request edges."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    base_ckpt = load_checkpoint(cfg.base, device)
+    check_same(base_ckpt["config"], asdict(cfg), DATA_KEYS, cfg.base)
+    b = base_ckpt["config"]
+    base_cfg = replace(cfg, method="lightgcn", **{k: b[k] for k in BASE_KEYS if k in b})
+    rng = np.random.default_rng(cfg.seed)
+
+    def load_base():
+        model = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
+        model.load_state_dict(base_ckpt["model"])
+        return model
+
+    def adjacency(train):
+        return Graph(data.n_users, data.n_items, train, base_cfg.self_loops).normalized().to(device)
+
+    retrain_seconds = None
+    if cfg.forget == "adversarial":
+        # poison: for half the users, an edge to the item the clean model likes least, then train on it
+        clean = load_base()
+        with torch.no_grad():
+            C_user, C_item = clean(adjacency(data.train))
+        users = np.sort(rng.choice(data.n_users, data.n_users // 2, replace=False))
+        scores = C_user[users] @ C_item.T
+        for p in (data.train, data.val, data.test):
+            seen = np.isin(p[:, 0], users)
+            scores[torch.from_numpy(np.searchsorted(users, p[seen, 0])), torch.from_numpy(p[seen, 1])] = float("inf")
+        requests = np.stack([users, scores.argmin(1).cpu().numpy()], 1)
+        poisoned = np.concatenate([data.train, requests])
+        data_o = replace(data, train=poisoned[np.lexsort((poisoned[:, 1], poisoned[:, 0]))])
+        print(f"adversarial: {len(requests)} injected edges; training the poisoned model")
+        base, _, _ = train_lightgcn(base_cfg, data_o, device, os.path.join(cfg.out_dir, "poisoned"))
+        # retraining without the injected edges is training on the clean data: the clean base, same seed
+        retrained, retrain_seconds = clean, base_ckpt["state"].get("train_seconds", float("nan"))
+    else:
+        data_o, base = data, load_base()
+        try:
+            fraction = float(cfg.forget)
+        except ValueError:
+            fraction = None
+        if fraction is not None:
+            if not 0 < fraction < 1:
+                raise UserError(f"--forget={cfg.forget}: a fraction of the training edges must be in (0, 1)")
+            requests = random_requests(data.train, fraction, rng)
+        else:
+            try:
+                requests = read_requests(cfg.forget, data.train, data.n_users, data.n_items)
+            except DataError as e:
+                raise UserError(str(e)) from None
+    base.requires_grad_(False)
+    data_r = replace(data, train=remove_edges(data_o.train, requests))
+    print(f"unlearning {len(requests)} of {len(data_o.train)} training edges")
+    with torch.no_grad():
+        O_all = base.propagate(adjacency(data_o.train))                  # E_L of the original model
+    O_user, O_item = O_all.split([data.n_users, data.n_items])
+    encoder = InfluenceEncoder(data.n_users + data.n_items, base_cfg.dim, base_cfg.n_layers, cfg.eta0,
+                               cfg.omega).to(device)
+
+    def unlearn(req, train_r, out_dir, epochs, seed):
+        """Train the encoder to forget `req`, batches drawn from the remaining edges `train_r`."""
+        A_delta, A_r = request_adjacency(req, data.n_users, data.n_items).to(device), adjacency(train_r)
+        req_t = torch.from_numpy(req).to(device)
+
+        def embed():
+            return base.propagate(A_r, encoder(A_delta, base.E0, O_all)).split([data.n_users, data.n_items])
+
+        def loss_fn(u, i, j):
+            E0p = encoder(A_delta, base.E0, O_all)
+            E_user, E_item = base.propagate(A_r, E0p).split([data.n_users, data.n_items])
+            bpr, l2 = bpr_loss(E_user, E_item, *E0p.split([data.n_users, data.n_items]), u, i, j, cfg.decay)
+            m = cfg.align_pairs
+            return (bpr + l2 + cfg.lambda_u * unlearn_loss(E_user, E_item, req_t)
+                    + cfg.lambda_a * align_loss(E_user, E_item, O_user, O_item, u[:m], i[:m], cfg.align_tau))
+
+        run_cfg = replace(cfg, seed=seed, eval_every=epochs)
+        state = fit(run_cfg, replace(data, train=train_r), encoder, loss_fn, embed, out_dir, epochs)
+        return state, embed
+
+    if cfg.encoder:
+        encoder.load_state_dict(load_checkpoint(cfg.encoder, device)["model"])
+    else:
+        t0 = time.time()
+        for period in range(0, cfg.pre_epochs, cfg.redraw_every):
+            req = random_requests(data_o.train, cfg.pre_frac, rng)
+            print(f"pre-training: random request of {len(req)} edges, epochs {period + 1}..")
+            unlearn(req, remove_edges(data_o.train, req), os.path.join(cfg.out_dir, "pretrain"),
+                    min(cfg.redraw_every, cfg.pre_epochs - period), cfg.seed + 1 + period)
+        save_atomic({"model": encoder.state_dict(), "config": asdict(cfg)},
+                    os.path.join(cfg.out_dir, "encoder_pretrained.pt"))
+        print(f"pre-training done in {fmt_seconds(time.time() - t0)}")
+    state, embed = unlearn(requests, data_r.train, os.path.join(cfg.out_dir, "finetune"), cfg.finetune_epochs,
+                           cfg.seed)
+    unlearn_seconds = state["train_seconds"]
+    with torch.no_grad():
+        U_user, U_item = embed()
+    save_atomic({"encoder": encoder.state_dict(), "E_user": U_user, "E_item": U_item, "requests": torch.from_numpy(requests),
+                 "config": asdict(cfg)}, os.path.join(cfg.out_dir, "unlearned.pt"))
+    if retrain_seconds is None:
+        print("retraining from scratch without the request edges")
+        retrained, A_rr, state = train_lightgcn(base_cfg, data_r, device, os.path.join(cfg.out_dir, "retrained"))
+        retrain_seconds = state["train_seconds"]
+    else:
+        A_rr = adjacency(data_r.train)
+    with torch.no_grad():
+        R_user, R_item = retrained(A_rr)
+
+    positives = data_r.train[rng.choice(len(data_r.train), min(len(data_r.train), 20000), replace=False)]
+    unseen = never_seen_pairs(len(requests), [data_o.train, data.val, data.test], data.n_users, data.n_items, rng)
+    rows = {}
+    for name, (Eu, Ei) in (("original", (O_user, O_item)), ("unlearned", (U_user, U_item)),
+                           ("retrained", (R_user, R_item))):
+        val, test = report(cfg, data_r, Eu, Ei)
+        rows[name] = {"val": val, "test": test, **score_report(Eu, Ei, requests, positives, unseen)}
+        print(f"== {name:9s} | {metrics_line(val, test)} | forgotten {rows[name]['forgotten']['mean']:.3f} "
+              f"positives {rows[name]['positives']['mean']:.3f} unseen {rows[name]['unseen']['mean']:.3f} "
+              f"| MIA AUC {rows[name]['mia_auc']:.3f}")
+    speedup = retrain_seconds / unlearn_seconds
+    print(f"unlearning {fmt_seconds(unlearn_seconds)} vs retraining {fmt_seconds(retrain_seconds)}: {speedup:.1f}x")
+    write_json(os.path.join(cfg.out_dir, "summary.json"),
+               {"requests": len(requests), "unlearn_seconds": unlearn_seconds, "retrain_seconds": retrain_seconds,
+                "speedup": speedup, "models": rows, "config": asdict(cfg)})
 
 
 def main():
     cfg = parse_flags(RecConfig, sys.argv[1:])
     if cfg.dataset != "ml-latest-small" and cfg.dataset not in TEXT_DATASETS:
         raise UserError(f"unknown --dataset={cfg.dataset}; use ml-latest-small or one of {', '.join(TEXT_DATASETS)}")
-    if cfg.method != "lightgcn":
-        raise UserError(f"unknown --method={cfg.method}; use lightgcn")
+    if cfg.method not in ("lightgcn", "lightgnn", "unlearnrec"):
+        raise UserError(f"unknown --method={cfg.method}; use lightgcn, lightgnn or unlearnrec")
+    if cfg.method == "unlearnrec" and not (cfg.base and cfg.forget):
+        raise UserError("--method=unlearnrec needs --base=<checkpoint of a trained lightgcn> and "
+                        "--forget=<file of `user item` lines>|<fraction of training edges>|adversarial")
+    if not 0 < cfg.pre_frac < 1 or cfg.redraw_every < 1 or cfg.finetune_epochs < 1 or cfg.pre_epochs < 0:
+        raise UserError("--pre_frac must be in (0, 1), --redraw_every and --finetune_epochs >= 1, --pre_epochs >= 0")
+    if not (0 <= cfg.rho < 1 and 0 <= cfg.rho_emb < 1) or cfg.rounds < 0 or cfg.mid_topk < 0:
+        raise UserError("--rho and --rho_emb must be in [0, 1), --rounds and --mid_topk >= 0")
     if cfg.combine not in ("mean", "sum"):
         raise UserError(f"--combine={cfg.combine} must be mean or sum")
-    for k in ("dim", "batch_size", "epochs", "topk", "eval_every", "patience", "eval_batch"):
+    for k in ("dim", "batch_size", "epochs", "topk", "eval_every", "patience", "eval_batch", "teacher_layers",
+              "mid_layers", "mid_epochs", "student_layers", "round_epochs", "kd_nodes", "align_pairs"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)} must be >= 1")
     if cfg.n_layers < 0 or not (0 <= cfg.val_frac < 1 and 0 <= cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
         raise UserError("--n_layers must be >= 0, and --val_frac, --test_frac >= 0 with val_frac + test_frac < 1")
     if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
         raise UserError(f"--resume but {cfg.out_dir}/ckpt_last.pt does not exist; drop --resume or fix --out_dir")
-    train(cfg)
+    if not 0 < cfg.graph_edges <= 1:
+        raise UserError(f"--graph_edges={cfg.graph_edges} must be in (0, 1]")
+    device = pick_device(cfg.device)
+    data = load_data(cfg)
+    print(f"{cfg.dataset}: {data.n_users} users, {data.n_items} items, "
+          f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test interactions")
+    {"lightgcn": train, "lightgnn": train_lightgnn_pipeline, "unlearnrec": train_unlearnrec}[cfg.method](cfg, data, device)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,45 @@ def test_bad_flags_and_missing_data_are_one_line_errors(tmp_path):
         r = subprocess.run([sys.executable, "train_rec.py", *args], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_lightgnn_pipeline_reports_every_round(data_dir):
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    out = data_dir / "lg"
+    r = run(data_dir, f"--out_dir={out}", "--method=lightgnn", "--epochs=2", "--mid_epochs=2", "--round_epochs=2",
+            "--rounds=2", "--teacher_layers=3", "--mid_layers=2", "--mid_topk=3")
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(out / "summary.json"))["rounds"]
+    assert [x["model"] for x in rows] == ["teacher", "intermediate", "student round 0", "student round 1",
+                                          "student round 2"]
+    E = 40 * 25 - 40 * int(0.1 * 25)                                  # training edges after the validation split
+    kept1 = E - int(0.15 * E)
+    assert rows[3]["edges_kept"] == pytest.approx(kept1 / E)
+    assert rows[4]["edges_kept"] == pytest.approx((kept1 - int(0.15 * kept1)) / E)
+    assert rows[4]["entries_kept"] < rows[3]["entries_kept"] < 1 and rows[4]["cost"] < rows[2]["cost"] < 1
+    # the saved teacher is reused, not retrained
+    r = run(data_dir, f"--out_dir={data_dir / 'lg2'}", "--method=lightgnn", f"--teacher={out}/teacher/ckpt_best.pt",
+            "--mid_epochs=2", "--round_epochs=2", "--rounds=0", "--mid_layers=2", "--mid_topk=3")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(data_dir / "lg2" / "summary.json"))["rounds"][0] == rows[0]
+
+
+def test_unlearnrec_pipeline_and_its_errors(data_dir):
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    base = data_dir / "base"
+    assert run(data_dir, f"--out_dir={base}", "--epochs=2").returncode == 0
+    out = data_dir / "ul"
+    r = run(data_dir, f"--out_dir={out}", "--method=unlearnrec", f"--base={base}/ckpt_best.pt", "--forget=0.1",
+            "--epochs=2", "--pre_epochs=2", "--redraw_every=1", "--finetune_epochs=1")
+    assert r.returncode == 0, r.stderr
+    s = json.load(open(out / "summary.json"))
+    assert s["requests"] == round(0.1 * (40 * 25 - 40 * 2))
+    assert set(s["models"]) == {"original", "unlearned", "retrained"}
+    assert 0 <= s["models"]["unlearned"]["mia_auc"] <= 1 and s["speedup"] > 0
+    (data_dir / "bad.txt").write_text("0 1\n99 1\n")
+    for args, msg in (([f"--forget={data_dir / 'bad.txt'}"], "bad.txt:2: unknown user 99"),
+                      (["--forget=1.5"], "must be in (0, 1)"),
+                      ([], "needs --base")):
+        r = run(data_dir, f"--out_dir={out}", "--method=unlearnrec", *([f"--base={base}/ckpt_best.pt"] if args else []),
+                *args)
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
