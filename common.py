@@ -158,5 +158,7 @@ def write_json(path, obj):
 
 
 def fmt_seconds(s):
+    if s != s:
+        return "n/a"                       # NaN: a time that was not recorded
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

@@ -1,8 +1,10 @@
 """
-Train a graph recommender (lightgcn.py) with BPR and full-ranking evaluation.
+Train a graph recommender (lightgcn.py) with BPR and full-ranking evaluation, and plug in the recommender ideas.
 
     python train_rec.py                                          # LightGCN on MovieLens latest-small, a few minutes
     python train_rec.py --dataset=ml-1m --data_dir=DIR           # DIR/ml-1m/train.txt, test.txt
+    python train_rec.py --method=lightgnn ...                    # teacher -> intermediate -> pruned student (lightgnn.py)
+    python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 ...   # unlearnrec.py
 
 Early stopping and the reported checkpoint are chosen on the VALIDATION split (Recall@topk); the test split is
 evaluated once, at the end, with the best-validation checkpoint. Data sets without a validation file get one
@@ -353,7 +355,6 @@ def train_unlearnrec(cfg, data, device):
     def adjacency(train):
         return Graph(data.n_users, data.n_items, train, base_cfg.self_loops).normalized().to(device)
 
-    retrain_seconds = None
     if cfg.forget == "adversarial":
         # poison: for half the users, an edge to the item the clean model likes least, then train on it
         clean = load_base()
@@ -369,8 +370,6 @@ def train_unlearnrec(cfg, data, device):
         data_o = replace(data, train=poisoned[np.lexsort((poisoned[:, 1], poisoned[:, 0]))])
         print(f"adversarial: {len(requests)} injected edges; training the poisoned model")
         base, _, _ = train_lightgcn(base_cfg, data_o, device, os.path.join(cfg.out_dir, "poisoned"))
-        # retraining without the injected edges is training on the clean data: the clean base, same seed
-        retrained, retrain_seconds = clean, base_ckpt["state"].get("train_seconds", float("nan"))
     else:
         data_o, base = data, load_base()
         try:
@@ -434,12 +433,9 @@ def train_unlearnrec(cfg, data, device):
         U_user, U_item = embed()
     save_atomic({"encoder": encoder.state_dict(), "E_user": U_user, "E_item": U_item, "requests": torch.from_numpy(requests),
                  "config": asdict(cfg)}, os.path.join(cfg.out_dir, "unlearned.pt"))
-    if retrain_seconds is None:
-        print("retraining from scratch without the request edges")
-        retrained, A_rr, state = train_lightgcn(base_cfg, data_r, device, os.path.join(cfg.out_dir, "retrained"))
-        retrain_seconds = state["train_seconds"]
-    else:
-        A_rr = adjacency(data_r.train)
+    print("retraining from scratch without the request edges")
+    retrained, A_rr, state = train_lightgcn(base_cfg, data_r, device, os.path.join(cfg.out_dir, "retrained"))
+    retrain_seconds = state["train_seconds"]
     with torch.no_grad():
         R_user, R_item = retrained(A_rr)
 

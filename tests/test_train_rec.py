@@ -88,6 +88,10 @@ def test_unlearnrec_pipeline_and_its_errors(data_dir):
     assert s["requests"] == round(0.1 * (40 * 25 - 40 * 2))
     assert set(s["models"]) == {"original", "unlearned", "retrained"}
     assert 0 <= s["models"]["unlearned"]["mia_auc"] <= 1 and s["speedup"] > 0
+    r = run(data_dir, f"--out_dir={data_dir / 'adv'}", "--method=unlearnrec", f"--base={base}/ckpt_best.pt",
+            "--forget=adversarial", "--epochs=2", "--pre_epochs=1", "--finetune_epochs=1")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(data_dir / "adv" / "summary.json"))["requests"] == 40 // 2     # one edge, half the users
     (data_dir / "bad.txt").write_text("0 1\n99 1\n")
     for args, msg in (([f"--forget={data_dir / 'bad.txt'}"], "bad.txt:2: unknown user 99"),
                       (["--forget=1.5"], "must be in (0, 1)"),
