@@ -3,7 +3,7 @@ Train a graph recommender (lightgcn.py) with BPR and full-ranking evaluation, an
 
     python train_rec.py                                          # LightGCN on MovieLens latest-small, a few minutes
     python train_rec.py --dataset=ml-1m --data_dir=DIR           # DIR/ml-1m/train.txt, test.txt
-    python train_rec.py --method=lightgnn ...                    # teacher -> intermediate -> pruned student (lightgnn.py)
+    python train_rec.py --method=lightgnn ...                    # teacher -> intermediate -> pruned student
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 ...   # unlearnrec.py
 
 Early stopping and the reported checkpoint are chosen on the VALIDATION split (Recall@topk); the test split is
@@ -132,13 +132,14 @@ def load_data(cfg):
         raise UserError(str(e)) from None
 
 
-def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, params=None, after_step=None, resume=False):
+def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resume=False):
     """The BPR loop every method shares: each epoch visits data.train once in a random order, each pair with a
-    sampled negative; loss_fn(u, i, j) -> scalar; embed() -> (E_user, E_item) for validation Recall every
-    eval_every epochs; atomic best / last checkpoints of `model` in out_dir; early stopping on validation.
+    sampled negative; loss_fn(u, i, j) -> scalar; Adam on model's parameters (after_step() after each step);
+    embed() -> (E_user, E_item) for validation Recall every eval_every epochs; atomic best / last checkpoints of
+    `model` in out_dir; early stopping on validation.
     Leaves `model` at its best-validation state and returns the run's state dict."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters() if params is None else params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler = NegativeSampler(data.train, data.n_items)
     train_pairs = torch.from_numpy(data.train)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -346,6 +347,11 @@ def train_unlearnrec(cfg, data, device):
     b = base_ckpt["config"]
     base_cfg = replace(cfg, method="lightgcn", **{k: b[k] for k in BASE_KEYS if k in b})
     rng = np.random.default_rng(cfg.seed)
+    # an encoder is pre-trained for one original model: the base, or the model poisoned from it
+    pretrained_on = cfg.base + (" (poisoned)" if cfg.forget == "adversarial" else "")
+    if cfg.encoder:
+        encoder_ckpt = load_checkpoint(cfg.encoder, device)
+        check_same(encoder_ckpt, {"pretrained_on": pretrained_on}, ("pretrained_on",), cfg.encoder)
 
     def load_base():
         model = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
@@ -415,7 +421,7 @@ def train_unlearnrec(cfg, data, device):
         return state, embed
 
     if cfg.encoder:
-        encoder.load_state_dict(load_checkpoint(cfg.encoder, device)["model"])
+        encoder.load_state_dict(encoder_ckpt["model"])
     else:
         t0 = time.time()
         for period in range(0, cfg.pre_epochs, cfg.redraw_every):
@@ -423,7 +429,7 @@ def train_unlearnrec(cfg, data, device):
             print(f"pre-training: random request of {len(req)} edges, epochs {period + 1}..")
             unlearn(req, remove_edges(data_o.train, req), os.path.join(cfg.out_dir, "pretrain"),
                     min(cfg.redraw_every, cfg.pre_epochs - period), cfg.seed + 1 + period)
-        save_atomic({"model": encoder.state_dict(), "config": asdict(cfg)},
+        save_atomic({"model": encoder.state_dict(), "pretrained_on": pretrained_on, "config": asdict(cfg)},
                     os.path.join(cfg.out_dir, "encoder_pretrained.pt"))
         print(f"pre-training done in {fmt_seconds(time.time() - t0)}")
     state, embed = unlearn(requests, data_r.train, os.path.join(cfg.out_dir, "finetune"), cfg.finetune_epochs,
@@ -431,8 +437,9 @@ def train_unlearnrec(cfg, data, device):
     unlearn_seconds = state["train_seconds"]
     with torch.no_grad():
         U_user, U_item = embed()
-    save_atomic({"encoder": encoder.state_dict(), "E_user": U_user, "E_item": U_item, "requests": torch.from_numpy(requests),
-                 "config": asdict(cfg)}, os.path.join(cfg.out_dir, "unlearned.pt"))
+    save_atomic({"encoder": encoder.state_dict(), "E_user": U_user, "E_item": U_item,
+                 "requests": torch.from_numpy(requests), "config": asdict(cfg)},
+                os.path.join(cfg.out_dir, "unlearned.pt"))
     print("retraining from scratch without the request edges")
     retrained, A_rr, state = train_lightgcn(base_cfg, data_r, device, os.path.join(cfg.out_dir, "retrained"))
     retrain_seconds = state["train_seconds"]
@@ -485,7 +492,8 @@ def main():
     data = load_data(cfg)
     print(f"{cfg.dataset}: {data.n_users} users, {data.n_items} items, "
           f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test interactions")
-    {"lightgcn": train, "lightgnn": train_lightgnn_pipeline, "unlearnrec": train_unlearnrec}[cfg.method](cfg, data, device)
+    run = {"lightgcn": train, "lightgnn": train_lightgnn_pipeline, "unlearnrec": train_unlearnrec}[cfg.method]
+    run(cfg, data, device)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def test_unlearnrec_pipeline_and_its_errors(data_dir):
     assert json.load(open(data_dir / "adv" / "summary.json"))["requests"] == 40 // 2     # one edge, half the users
     (data_dir / "bad.txt").write_text("0 1\n99 1\n")
     for args, msg in (([f"--forget={data_dir / 'bad.txt'}"], "bad.txt:2: unknown user 99"),
+                      (["--forget=adversarial", f"--encoder={out}/encoder_pretrained.pt"], "another config"),
                       (["--forget=1.5"], "must be in (0, 1)"),
                       ([], "needs --base")):
         r = run(data_dir, f"--out_dir={out}", "--method=unlearnrec", *([f"--base={base}/ckpt_best.pt"] if args else []),
