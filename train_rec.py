@@ -302,7 +302,7 @@ def train_lightgnn_pipeline(cfg, data, device):
             triples = [torch.randint(n, u.shape, generator=gen).to(device)
                        for n in (data.n_users, data.n_items, data.n_items)]
             return distill_loss(model, E_user, E_item, tutor, T_high, u, i, j, triples, weights, cfg.decay,
-                                cfg.kd_nodes)[0]
+                                cfg.kd_nodes)
         return fit(cfg, data, model, loss_fn, model, out_dir, epochs, after_step=model.zero_pruned)
 
     # intermediate: learnable edge weights on norm(I + A + A²_top), distilled from the teacher

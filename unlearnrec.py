@@ -41,7 +41,8 @@ def read_requests(path, train, n_users, n_items):
     checked: a known user, a known item, an edge of the training data."""
     pairs = []
     try:
-        lines = open(path).read().splitlines()
+        with open(path) as f:
+            lines = f.read().splitlines()
     except OSError as e:
         raise DataError(f"cannot read the unlearning requests {path}: {e.strerror}") from None
     for n, line in enumerate(lines, 1):

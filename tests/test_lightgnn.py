@@ -113,7 +113,7 @@ def test_pruned_entries_stay_zero_after_optimizer_steps():
     u, i, j = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), torch.tensor([2, 3, 0])
     for _ in range(5):
         E_user, E_item = student()
-        loss, parts = distill_loss(student, E_user, E_item, T, T, u, i, j, (u, j, i), w, 1e-4)
+        loss = distill_loss(student, E_user, E_item, T, T, u, i, j, (u, j, i), w, 1e-4)
         opt.zero_grad()
         loss.backward()
         opt.step()
