@@ -188,8 +188,8 @@ class Graph:
         return self
 
     def normalized(self, weight=None):
-        """Â = D^{-1/2} A D^{-1/2} as a sparse CSR tensor. weight: optional (n_edges,) per-edge weights (may
-        require grad; Â is then differentiable in them). Self-loops have weight 1."""
+        """Â = D^{-1/2} A D^{-1/2} as a sparse CSR tensor. weight: optional (n_edges,) per-edge weights; if they
+        require grad, a LearnableAdjacency (Â differentiable in them) is returned. Self-loops have weight 1."""
         ones = torch.ones(len(self.edge), device=self.edge.device)
         value = ones if weight is None else torch.where(self.edge >= 0, weight[self.edge.clamp(min=0)], ones)
         # D_vv = Σ_w A_vw, computed per row from CSR offsets (a segment sum: deterministic)
@@ -235,7 +235,8 @@ class LearnableAdjacency:
 
 
 class WeightedSymmetricSpMM(torch.autograd.Function):
-    """Â E where Â's values are learnable (edge weights). Same symmetric trick for dE."""
+    """Â E where Â's values are learnable (edge weights). `value` is the autograd input that receives their
+    gradient; A_hat holds the same numbers, detached. Same symmetric trick for dE."""
 
     @staticmethod
     def forward(ctx, value, E, A_hat):
