@@ -25,8 +25,8 @@ from common import (UserError, append_jsonl, check_same, download, fmt_seconds, 
 from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir, load_movielens_zip
 from lightgnn import (PrunableLightGCN, distill_loss, edge_scores, high_order, propagation_cost, prune_round,
                       two_hop_pairs)
-from unlearnrec import (InfluenceEncoder, align_loss, never_seen_pairs, random_requests, read_requests, remove_edges,
-                        request_adjacency, score_report, unlearn_loss)
+from unlearnrec import (InfluenceEncoder, align_loss, least_liked_items, never_seen_pairs, random_requests,
+                        read_requests, remove_edges, request_adjacency, score_report, unlearn_loss)
 
 ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 ML_SMALL_SHA256 = "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436"
@@ -287,7 +287,7 @@ def train_lightgnn_pipeline(cfg, data, device):
     teacher.requires_grad_(False)
     T_user, T_item = teacher(A_t)
     T_high = high_order(teacher, A_t)
-    teacher_cost = propagation_cost(t_cfg.n_layers, Graph(data.n_users, data.n_items, data.train, t_cfg.self_loops))
+    teacher_cost = t_cfg.n_layers * len(A_t.col_indices())          # layers × nonzeros, as propagation_cost counts
     row("teacher", T_user, T_item, t_seconds, 1.0, 1.0, teacher_cost)
 
     weights = {"pred": cfg.kd_pred, "tau": cfg.kd_tau, "emb": cfg.kd_emb, "emb_tau": cfg.kd_emb_tau,
@@ -367,11 +367,7 @@ def train_unlearnrec(cfg, data, device):
         with torch.no_grad():
             C_user, C_item = clean(adjacency(data.train))
         users = np.sort(rng.choice(data.n_users, data.n_users // 2, replace=False))
-        scores = C_user[users] @ C_item.T
-        for p in (data.train, data.val, data.test):
-            seen = np.isin(p[:, 0], users)
-            scores[torch.from_numpy(np.searchsorted(users, p[seen, 0])), torch.from_numpy(p[seen, 1])] = float("inf")
-        requests = np.stack([users, scores.argmin(1).cpu().numpy()], 1)
+        requests = least_liked_items(C_user, C_item, users, [data.train, data.val, data.test])
         poisoned = np.concatenate([data.train, requests])
         data_o = replace(data, train=poisoned[np.lexsort((poisoned[:, 1], poisoned[:, 0]))])
         print(f"adversarial: {len(requests)} injected edges; training the poisoned model")

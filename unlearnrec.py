@@ -71,6 +71,16 @@ def random_requests(train, fraction, rng):
     return train[np.sort(rng.choice(len(train), n, replace=False))]
 
 
+def least_liked_items(E_user, E_item, users, seen_pairs):
+    """The adversarial request: for each of `users` (sorted) the item a trained model scores lowest among the
+    items in none of seen_pairs (train, val, test) for that user. Returns (len(users), 2) pairs."""
+    scores = E_user[users] @ E_item.T                                     # (U, I)
+    for p in seen_pairs:
+        p = p[np.isin(p[:, 0], users)]
+        scores[torch.from_numpy(np.searchsorted(users, p[:, 0])), torch.from_numpy(p[:, 1])] = float("inf")
+    return np.stack([users, scores.argmin(1).cpu().numpy()], 1)
+
+
 def remove_edges(train, requests):
     """The training edges that are not requested, in their original order."""
     n_items = int(max(train[:, 1].max(), requests[:, 1].max())) + 1
@@ -103,10 +113,11 @@ class InfluenceEncoder(nn.Module):
             P = A_delta @ P
             # (1) H = Σ_{l=0..L} Â_Δ^l H0
             H = H + P
+        # (2) W = Â_Δ^L (E_L ⊙ η)
         W = E_L * self.eta
         for _ in range(self.n_layers):
             W = A_delta @ W
-        # (2)-(3) Δ = MLP(−ω·Â_Δ^L(E_L ⊙ η) + H)
+        # (3) Δ = MLP(−ω·W + H)
         delta = self.mlp(-self.omega * W + H)
         # (4) E0' = E0 + Δ
         return E0 + delta

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from lightgcn import DataError, Graph, LightGCN
-from unlearnrec import (InfluenceEncoder, align_loss, auc, never_seen_pairs, random_requests, read_requests,
-                        remove_edges, request_adjacency, unlearn_loss)
+from unlearnrec import (InfluenceEncoder, align_loss, auc, least_liked_items, never_seen_pairs, random_requests,
+                        read_requests, remove_edges, request_adjacency, unlearn_loss)
 
 EDGES = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3]])  # 4 users, 4 items
 NU, NI = 4, 4
@@ -145,3 +145,14 @@ def test_auc_equals_a_hand_computed_example():
     # pairs (pos > neg): 3 vs {1, 2, 3}: 1 + 1 + ½;  2 vs {1, 2, 3}: 1 + ½ + 0;  0 vs all: 0  ->  4 / 9
     assert auc([3, 2, 0], [1, 2, 3]) == pytest.approx(4 / 9)
     assert auc([5, 6], [1, 2]) == 1.0 and auc([1], [1]) == 0.5
+
+
+def test_least_liked_items_equal_a_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    Eu, Ei = torch.randn(NU, 3, generator=g), torch.randn(NI, 3, generator=g)
+    users, held_out = np.array([0, 2, 3]), np.array([[3, 0]])
+    got = least_liked_items(Eu, Ei, users, [EDGES, held_out])
+    seen = {tuple(e) for e in EDGES} | {(3, 0)}
+    expect = [[u, min((i for i in range(NI) if (u, i) not in seen), key=lambda i: (Eu[u] @ Ei[i]).item())]
+              for u in users]
+    assert got.tolist() == expect
