@@ -132,9 +132,19 @@ def resume_from(path, config, keys, model, optimizer, device):
     config on `keys`; returns the checkpoint for the rest of its state."""
     ckpt = load_checkpoint(path, device)
     check_same(ckpt["config"], config, keys, path)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt
+
+
+def load_weights(model, state, path):
+    """model.load_state_dict(state), with one clear error when the saved tensors do not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise UserError(f"checkpoint {path} does not fit this model ({detail}); it was saved with another config "
+                        f"or by an older version of the code: train it again") from None
 
 
 def check_same(saved, current, keys, path):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint, parse_flags, pick_device, run_main
+from common import UserError, load_checkpoint, load_weights, parse_flags, pick_device, run_main
 from gpt import KVCache
 from sepllm import STREAMING_SEPARATORS, SepCache, SinkCache, kept_fraction
 from train_lm import (TrainConfig, Tokenizer, build_model, estimate_loss, get_batch, layer_windows, make_masks,
@@ -60,13 +60,14 @@ def load_trained(cfg, with_data=True):
     """The model of out_dir/ckpt_best.pt, its tokenizer, its training config (with this run's data location,
     eval and attention flags) and, with_data, the data."""
     device = pick_device(cfg.device)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "ckpt_best.pt"), device)
+    path = os.path.join(cfg.out_dir, "ckpt_best.pt")
+    ckpt = load_checkpoint(path, device)
     saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__})
     saved = replace(saved, **{k: getattr(cfg, k) for k in ("data_dir", "cache_dir", "eval_iters", "n_init",
                                                           "n_local", "layer_windows")})
     tok = Tokenizer(saved.dataset, ckpt["chars"])
     model = build_model(saved, tok.vocab_size).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     return model.eval(), tok, saved, device, prepare_data(saved)[0] if with_data else None
 
 

@@ -76,20 +76,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # y = x / sqrt(mean(x^2) + eps) * g, computed in fp32 so bf16 activations do not lose the mean
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.type_as(x) * self.weight
+        # y = x / sqrt(mean(x^2) + eps) * g, in fp32 so bf16 activations do not lose the mean (one fused op)
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).type_as(x)
 
 
-def rope(x, pos, base):
-    """Rotate pairs (x_{2i}, x_{2i+1}) of x (B, H, T, D) by angle pos * base^(-2i/D); pos: (T,) positions."""
-    D = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)  # (D/2,)
-    angle = pos.to(torch.float32)[:, None] * inv_freq[None, :]                             # (T, D/2)
-    cos, sin = angle.cos(), angle.sin()
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]                                    # (B, H, T, D/2)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)                  # (B, H, T, D/2, 2)
-    return out.flatten(-2).type_as(x)
+def rope_angles(pos, head_dim, base):
+    """The rotations of RoPE as unit complex numbers e^{i p theta_j}, theta_j = base^(-2j/D): (T, D/2) for
+    positions pos (T,). Computed once per forward and shared by every layer's queries and keys."""
+    theta = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)  # (D/2,)
+    angle = pos.to(torch.float32)[:, None] * theta[None, :]                                           # (T, D/2)
+    return torch.polar(torch.ones_like(angle), angle)
+
+
+def rope(x, rotations):
+    """Rotate each pair (x_{2j}, x_{2j+1}) of x (B, H, T, D) by its angle: read as the complex number
+    x_{2j} + i x_{2j+1}, the rotation is one product with e^{i p theta_j} (rotations from rope_angles)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))                   # (B, H, T, D/2) complex
+    return torch.view_as_real(pairs * rotations).flatten(-2).type_as(x)                 # (B, H, T, D)
 
 
 class KVCache:
@@ -151,22 +154,23 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.rope_base = cfg.rope_base
         self.dropout = cfg.dropout
         self.score = cfg.attn_score
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        # W_q, W_k, W_v stacked into one matrix: one matmul instead of three, split right after
+        self.qkv_sizes = [cfg.n_head * self.head_dim] + [cfg.n_kv_head * self.head_dim] * 2
+        self.wqkv = nn.Linear(cfg.n_embd, sum(self.qkv_sizes), bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, q_pos, k_pos, mask, cache=None, layer=0):
+    def forward(self, x, q_rot, k_rot, mask, cache=None, layer=0):
+        """q_rot, k_rot: RoPE rotations (rope_angles) of the query and key positions."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, H_kv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)               # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)            # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                        # (B, H_kv, S, D)
-        q, k = rope(q, q_pos, self.rope_base), rope(k, k_pos, self.rope_base)
+        q, k = rope(q, q_rot), rope(k, k_rot)
         if self.n_kv_head != self.n_head:
             # grouped-query attention: each group of n_head / n_kv_head query heads shares one key/value head
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)           # (B, H, S, D)
@@ -185,13 +189,13 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         hidden = ffn_hidden_size(cfg)
-        self.w1 = nn.Linear(cfg.n_embd, hidden, bias=False)
-        self.w3 = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.w13 = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)   # W1 and W3 stacked: one matmul for both
         self.w2 = nn.Linear(hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
+        W1x, W3x = self.w13(x).chunk(2, dim=-1)
         # FFN(x) = W2 (silu(W1 x) * W3 x)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x)), {}
+        return self.w2(F.silu(W1x) * W3x), {}
 
 
 class Block(nn.Module):
@@ -203,8 +207,8 @@ class Block(nn.Module):
         self.ffn = ffn if ffn is not None else SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, q_pos, k_pos, mask, cache=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), q_pos, k_pos, mask, cache, self.layer))
+    def forward(self, x, q_rot, k_rot, mask, cache=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), q_rot, k_rot, mask, cache, self.layer))
         h, aux = self.ffn(self.ffn_norm(x))
         return x + self.drop(h), aux
 
@@ -251,11 +255,14 @@ class GPT(nn.Module):
             q_pos, k_pos, attn_mask = cache.start(idx)
         else:
             q_pos = k_pos = torch.arange(T, device=idx.device)
+        head_dim = self.config.n_embd // self.config.n_head
+        q_rot = rope_angles(q_pos, head_dim, self.config.rope_base)                  # (T, D/2)
+        k_rot = q_rot if k_pos is q_pos else rope_angles(k_pos, head_dim, self.config.rope_base)
         masks = attn_mask if isinstance(attn_mask, list) else [attn_mask] * len(self.blocks)
         x = self.drop(self.tok_emb(idx))                                            # (B, T, C)
         aux = {}
         for block, mask in zip(self.blocks, masks):
-            x, block_aux = block(x, q_pos, k_pos, mask, cache)
+            x, block_aux = block(x, q_rot, k_rot, mask, cache)
             for name, value in block_aux.items():
                 aux.setdefault(name, []).append(value)
         logits = self.lm_head(self.norm(x))                                         # (B, T, V)

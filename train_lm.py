@@ -208,6 +208,23 @@ def get_lr(cfg, it):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
+def schedule(cfg):
+    """What fixes the learning rate of every iteration: get_lr depends on these alone."""
+    return {"lr": cfg["lr"], "min_lr": cfg["min_lr"], "warmup_iters": cfg["warmup_iters"],
+            "lr_decay_iters": cfg["lr_decay_iters"] or cfg["max_iters"]}
+
+
+def check_same_schedule(saved, cfg, path):
+    """--resume continues the interrupted run exactly, so no iteration may get another learning rate."""
+    old, new = schedule(saved), schedule(asdict(cfg))
+    diff = [f"{k} {old[k]} vs {new[k]}" for k in old if old[k] != new[k]]
+    if diff:
+        raise UserError(f"--resume continues {path} exactly, but its learning-rate schedule would change "
+                        f"({', '.join(diff)}; lr_decay_iters 0 means max_iters). Train longer on the same schedule "
+                        f"with --lr_decay_iters={old['lr_decay_iters']} (past it the rate stays at min_lr), or start "
+                        f"a new run from its weights with --init_from={path}")
+
+
 def make_masks(cfg, kind, x, sep_ids):
     """The attention pattern of a batch x (B, T) under --attn_mask kind: None (full) or one per layer."""
     if kind == "full":
@@ -300,7 +317,7 @@ def train(cfg):
     sep_ids = tok.separators()
     model = build_model(cfg, tok.vocab_size).to(device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+                                  betas=(cfg.beta1, cfg.beta2), fused=device_type in ("cuda", "cpu"))
     # every process draws the same global batch from one generator and takes its slice of it
     gen = torch.Generator().manual_seed(cfg.seed)
     start_iter, best_val = 0, float("inf")
@@ -309,6 +326,7 @@ def train(cfg):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if cfg.resume:
         ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
+        check_same_schedule(ckpt["config"], cfg, last_path)
         gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_iter, best_val = ckpt["iter"], ckpt["best_val"]
@@ -335,13 +353,18 @@ def train(cfg):
                      "best_val": best_val, "config": asdict(cfg), "chars": tok.chars,
                      "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}, path)
 
-    t_start = t_log = time.time()
+    # ms/iter, tok/s and the ETA count training steps only; evaluations and checkpoints are timed apart and
+    # enter the ETA as (evaluations left) x (mean evaluation time), so the first progress line is already right
+    t_start = time.perf_counter()
+    train_s = eval_s = 0.0
+    n_evals, log_iters, log_s = 0, 0, 0.0
     losses = {}
     for it in range(start_iter, cfg.max_iters + 1):
         lr = get_lr(cfg, it)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            t_eval = time.perf_counter()
             losses = estimate_loss(raw_model, data, cfg, device, autocast,
                                    lambda x: make_masks(cfg, cfg.attn_mask, x, sep_ids))
             if not all(map(math.isfinite, losses.values())):
@@ -355,8 +378,11 @@ def train(cfg):
                         best_val = losses["val"]
                         checkpoint(it, best_path)
                     checkpoint(it, last_path)
+            eval_s += time.perf_counter() - t_eval
+            n_evals += 1
         if it == cfg.max_iters:
             break
+        t_step = time.perf_counter()
         x, y = get_batch(data["train"], cfg.batch_size * cfg.grad_accum * world, cfg.block_size, gen)
         loss_sum = aux_sum = 0.0
         for micro in range(cfg.grad_accum):
@@ -374,11 +400,13 @@ def train(cfg):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t_step
+        train_s, log_s, log_iters = train_s + step_s, log_s + step_s, log_iters + 1
         if master and ((it + 1) % cfg.log_interval == 0 or it == start_iter):
-            done = it + 1 - start_iter
-            dt = (time.time() - t_log) / (cfg.log_interval if it > start_iter else 1)
-            t_log = time.time()
-            eta = (time.time() - t_start) / done * (cfg.max_iters - it - 1)
+            dt = log_s / log_iters                                 # seconds per training step since the last line
+            log_s, log_iters = 0.0, 0
+            evals_left = (cfg.max_iters - 1) // cfg.eval_interval - it // cfg.eval_interval + 1  # + the final one
+            eta = (cfg.max_iters - it - 1) * train_s / (it + 1 - start_iter) + evals_left * eval_s / max(n_evals, 1)
             aux_note = f" (aux {aux_sum:.4f})" if layers else ""
             print(f"iter {it + 1} | loss {loss_sum:.4f}{aux_note} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                   f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_seconds(eta)}")
@@ -388,11 +416,12 @@ def train(cfg):
             append_jsonl(metrics_path, record)
 
     if master:
-        wall = time.time() - t_start
+        wall = time.perf_counter() - t_start
         trained = cfg.max_iters - start_iter
         summary = {"final_val_loss": losses["val"], "final_train_loss": losses["train"], "best_val_loss": best_val,
-                   "iters": cfg.max_iters, "wall_seconds": wall,
-                   "tokens_per_second": trained * tokens_per_iter / wall if trained else None,
+                   "iters": cfg.max_iters, "wall_seconds": wall, "train_seconds": train_s, "eval_seconds": eval_s,
+                   # the progress lines' definition: tokens of the training steps / their time (no evaluation)
+                   "tokens_per_second": trained * tokens_per_iter / train_s if trained else None,
                    "params": n_params, "world_size": world, "device": device, "config": asdict(cfg)}
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         print(f"final val loss {losses['val']:.4f} (best {best_val:.4f}) | {fmt_seconds(wall)} wall")
@@ -423,6 +452,12 @@ def main():
         build_model(cfg, vocab_size=1) if cfg.ffn != "dense" else model_config(cfg, vocab_size=1)
     except ValueError as e:
         raise UserError(str(e)) from None
+    decay_end = cfg.lr_decay_iters or cfg.max_iters
+    if cfg.warmup_iters >= decay_end:
+        capped = decay_end // 10
+        print(f"note: --warmup_iters={cfg.warmup_iters} is not shorter than the {decay_end}-iteration schedule, so the "
+              f"learning rate would never reach --lr={cfg.lr:g}: warm-up capped at {capped} iterations (10 %)")
+        cfg.warmup_iters = capped
     if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
         raise UserError(f"--resume but {cfg.out_dir}/ckpt_last.pt does not exist; drop --resume or fix --out_dir")
     train(cfg)

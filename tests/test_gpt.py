@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from gpt import GPT, GPTConfig, KVCache, RMSNorm, rope
+from gpt import GPT, GPTConfig, KVCache, RMSNorm, rope, rope_angles
 
 
 def tiny(**kw):
@@ -27,7 +27,8 @@ def test_rope_dot_product_depends_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
 
     def score(m, n):
-        return (rope(q, torch.tensor([m]), 10000.0) * rope(k, torch.tensor([n]), 10000.0)).sum().item()
+        return (rope(q, rope_angles(torch.tensor([m]), 16, 10000.0))
+                * rope(k, rope_angles(torch.tensor([n]), 16, 10000.0))).sum().item()
 
     assert math.isclose(score(3, 1), score(103, 101), rel_tol=1e-4)
     assert math.isclose(score(7, 7), (q * k).sum().item(), rel_tol=1e-5)
@@ -37,7 +38,7 @@ def test_rope_dot_product_depends_only_on_relative_position():
 def test_rope_is_a_rotation_of_pairs():
     x = torch.randn(1, 1, 1, 4)
     base, p = 100.0, 5
-    out = rope(x, torch.tensor([p]), base)[0, 0, 0]
+    out = rope(x, rope_angles(torch.tensor([p]), 4, base))[0, 0, 0]
     x = x[0, 0, 0]
     for i in range(2):
         theta = p * base ** (-2 * i / 4)

@@ -2,15 +2,19 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from common import UserError, download, parse_flags
+import train_lm
 from train_lm import TrainConfig, prepare_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,6 +152,56 @@ def test_resume_reproduces_uninterrupted_run(data_dir):
     # a checkpoint from another model shape is refused with a clear message
     r = run([f"--out_dir={part}", "--max_iters=30", "--resume", "--n_embd=64"], data_dir)
     assert r.returncode == 2 and "another config" in r.stderr and "n_embd" in r.stderr
+
+
+def test_resume_refuses_to_change_the_learning_rate_schedule(data_dir):
+    part = data_dir / "part"
+    r = run([f"--out_dir={part}", "--max_iters=10", "--lr_decay_iters=0"], data_dir)  # the cosine ends at max_iters
+    assert r.returncode == 0, r.stderr
+    # a longer max_iters would re-stretch the cosine, so the learning rate of resumed iterations would jump
+    r = run([f"--out_dir={part}", "--max_iters=20", "--lr_decay_iters=0", "--resume"], data_dir)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--lr_decay_iters=10" in r.stderr, r.stderr
+    # the fix the message names: the same schedule, trained past its end at min_lr
+    r = run([f"--out_dir={part}", "--max_iters=20", "--lr_decay_iters=10", "--resume"], data_dir)
+    assert r.returncode == 0, r.stderr
+    lrs = {json.loads(l)["iter"]: json.loads(l)["lr"] for l in open(part / "metrics.jsonl") if '"lr"' in l}
+    assert lrs[15] == lrs[20] == TrainConfig().min_lr
+
+
+def test_short_run_caps_warmup_so_the_peak_is_reached(data_dir):
+    out = data_dir / "short"
+    r = run([f"--out_dir={out}", "--max_iters=20", "--lr_decay_iters=0", "--warmup_iters=100", "--log_interval=1"],
+            data_dir)
+    assert r.returncode == 0, r.stderr
+    assert "warm-up capped at 2 iterations" in r.stdout
+    lrs = [json.loads(l)["lr"] for l in open(out / "metrics.jsonl") if '"lr"' in l]
+    lr, min_lr = TrainConfig().lr, TrainConfig().min_lr
+    assert lrs[:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])   # get_lr's warm-up: lr * (it + 1) / (warmup + 1)
+    assert lrs[-1] < lrs[3] and min(lrs) > min_lr             # then the cosine, down towards min_lr
+
+
+def test_progress_line_times_training_steps_apart_from_evaluation(data_dir, monkeypatch, capsys, request):
+    real = train_lm.estimate_loss
+
+    def slow_evaluation(*args, **kw):   # an evaluation that takes 2 s, far longer than a step of this model
+        time.sleep(2.0)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train_lm, "estimate_loss", slow_evaluation)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the other runs here: a 2-thread step of a tiny model stalls on a busy machine
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    cfg = TrainConfig(data_dir=str(data_dir / "data"), cache_dir=str(data_dir / "cache"), out_dir=str(data_dir / "p"),
+                      n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, eval_iters=1, max_iters=6,
+                      eval_interval=3, log_interval=1, warmup_iters=1)
+    train_lm.train(cfg)
+    first = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("iter 1 "))
+    ms_per_iter = float(re.search(r"([\d.]+) ms/iter", first).group(1))
+    m, s = re.search(r"ETA (\d+)m(\d+)s", first).groups()
+    assert ms_per_iter < 1000, first         # the 2 s evaluation before the first step is not a step
+    assert int(m) * 60 + int(s) >= 4, first  # 2 evaluations left (iters 3 and 6) of >= 2 s each, plus 5 steps
+    summary = json.load(open(data_dir / "p" / "summary.json"))
+    assert summary["eval_seconds"] >= 6 and summary["train_seconds"] < summary["wall_seconds"] - 6
 
 
 def test_two_process_ddp_matches_grad_accumulation(data_dir):
