@@ -4,12 +4,18 @@ The reference is the formula written out on known logits: a stand-in model retur
 row of a large batch, so one call draws many independent tokens and a chi-square test compares their counts
 with softmax(z / T) (renormalised over the k largest z). Each test also shows it has the power to reject the
 distribution a plausible bug would produce (temperature ignored, top-k ignored)."""
+import contextlib
+import io
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
 
+import eval_lm
 from gpt import GPT, GPTConfig, GPTOutput
+from train_lm import TrainConfig, build_model, prepare_data
 
 Z = torch.tensor([1.2, -0.3, 0.8, 0.0, -1.0, 0.5, 1.5, -0.6])       # logits of the stand-in model
 N = 40_000                                                             # draws per test (one batch row each)
@@ -106,3 +112,27 @@ def test_every_sampled_token_of_a_long_generation_is_in_the_top_k():
     rank = (logits > logits.gather(2, new[..., None])).sum(-1)             # how many tokens beat the drawn one
     assert rank.max() < k
     assert (rank > 0).float().mean() > 0.2                                 # not greedy: the 2nd and 3rd are drawn
+
+
+@pytest.mark.parametrize("flags", [{"temperature": 0.0}, {"temperature": 1.0, "top_k": 1}])
+def test_eval_lm_sample_passes_its_flags_to_generate(tmp_path, flags):
+    """eval_lm --sample with --temperature=0, or with --top_k=1, prints the greedy continuation written out."""
+    (tmp_path / "data" / "shakespeare").mkdir(parents=True)
+    (tmp_path / "data" / "shakespeare" / "input.txt").write_text("to be, or not to be: that is the question.\n" * 50)
+    cfg = TrainConfig(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"),
+                      n_layer=1, n_head=2, n_embd=16, block_size=16, init_std=0.5)
+    tok = prepare_data(cfg)[1]
+    torch.manual_seed(0)
+    model = build_model(cfg, tok.vocab_size).eval()
+    (tmp_path / "run").mkdir()
+    torch.save({"model": model.state_dict(), "config": asdict(cfg), "chars": tok.chars}, tmp_path / "run" / "ckpt_best.pt")
+    ecfg = eval_lm.EvalConfig(out_dir=cfg.out_dir, data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, device="cpu",
+                              sample=True, prompt="to be", max_new_tokens=30, **flags)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        eval_lm.sample(ecfg)
+    seq = torch.tensor([tok.encode("to be")])
+    with torch.no_grad():
+        for _ in range(30):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert buf.getvalue() == tok.decode(seq[0].tolist()) + "\n"
