@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import eval_lm
+import train_lm
 from train_lm import TrainConfig, build_model, get_batch, get_lr, make_masks, prepare_data
 
 TEXT = "".join(f"Line {i}: to be, or not to be; that is the question. Whether 'tis nobler!\n" for i in range(200))
@@ -137,3 +138,28 @@ def test_eval_mask_loss_equals_a_masked_forward_written_out(lm_setup, kind, laye
     expect, full = sum(masked) / len(masked), sum(full) / len(full)
     assert loss == pytest.approx(expect, abs=1e-4)           # the script prints 4 decimals
     assert abs(expect - full) > 0.01                         # and full attention would have been caught
+
+
+def test_training_steps_every_parameter_group_with_the_schedule(tmp_path, monkeypatch):
+    """train_lm's loop: optimizer step `it` runs with lr_it of the closed form, in every parameter group."""
+    d = tmp_path / "data" / "shakespeare"
+    d.mkdir(parents=True)
+    (d / "input.txt").write_text(TEXT)
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kw):
+        seen.append([g["lr"] for g in self.param_groups])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    cfg = TrainConfig(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "run"),
+                      n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, eval_iters=1, eval_interval=100,
+                      log_interval=100, max_iters=8, warmup_iters=3, lr_decay_iters=7, lr=1e-2, min_lr=1e-3)
+    with contextlib.redirect_stdout(io.StringIO()):
+        train_lm.train(cfg)
+    expect = [1e-2 * (it + 1) / 4 for it in range(3)] + \
+             [1e-3 + 0.5 * (1 + math.cos(math.pi * (it - 3) / 4)) * 9e-3 for it in range(3, 8)]
+    assert len(seen) == 8 and all(len(groups) == 2 for groups in seen)
+    for it, groups in enumerate(seen):
+        assert groups == pytest.approx([expect[it]] * 2, rel=1e-12), it
