@@ -31,16 +31,19 @@ Backward, from the saved log-sum-exp (p = exp(x − lse)), g = dO·v_j, δ = dO�
     SA-2:     dx = p (g (1/(b−a) + u) − δ)            w = u p,  u = (x − a)/(b − a)
               + (δ − dO·O_softmax)/(b − a) at the row's arg-min (if a < 0),  − δ/(b − a) at its arg-max (if b > 0)
     dQ = Σ dx K / sqrt(d),  dK = Σ dx^T Q / sqrt(d),  dV = Σ w^T dO
-(the last line of SA-2 is the gradient through the row's min and max, which the paper does not detach).
+(the last line of SA-2 is the gradient through the row's min and max, which the public implementation does not
+detach).
 Three Triton passes, none with atomics: dQ (query-block major, the forward's loops); dK/dV over the columns (each
 program owns BLOCK_N gathered columns and walks the query blocks whose forward gathered them, j < lo); dK/dV over
 the window (each program owns a key block and walks the few query blocks whose window range [lo, q1) holds it),
-adding the column pass's partial sums for its kept keys. Every pass computes as many pairs as the forward
-(`pairs_computed`, printed by kernels/bench.py).
+adding the column pass's partial sums for its kept keys. dQ computes the forward's pairs; dK/dV the same column
+pairs and about the same window pairs (`pairs_computed`, printed by kernels/bench.py). The forward saves what
+SA-2's backward needs (the softmax output for dO·O_softmax, a, b and where x_min, x_max are), so SA-1/SA-2 run the
+same three passes as softmax.
 
-The CPU fast path gathers, per block of 256 queries, the columns left of the block's window plus the window range,
+The CPU fast path gathers, per block of 128 queries, the columns left of the block's window plus the window range,
 and runs SDPA (or SA-Softmax) on the gathered keys; its backward differentiates each block's small graph and
-scatter-adds the gathered keys' gradients (touching only the gathered keys, as the forward did).
+index-adds the gathered keys' gradients (touching only the gathered keys, as the forward did).
 
 Backends (kernels/__init__.py): auto = Triton on CUDA, the fast path elsewhere; triton; torch = the dense
 reference. Under TRITON_INTERPRET=1 the Triton path runs on the CPU (fp32 / fp16; not bf16).
@@ -100,68 +103,80 @@ def _query_blocks(keep, n_init, n_local, block):
     then the window range [lo, q1)) and which (query, key) pairs rule (1) allows, (B, q1 − q0, S)."""
     B, T = keep.shape
     cols, kept_before = kept_columns(keep, n_init)
+    kept = keep | (torch.arange(T, device=keep.device) < n_init)
     for q0 in range(0, T, block):
         q1 = min(q0 + block, T)
         lo = max(0, q0 - n_local + 1)
         n = kept_before[:, lo]                                                    # (B,) columns left of the window
         n_max = int(n.max())
         idx = torch.cat([cols[:, :n_max], torch.arange(lo, q1, device=keep.device).expand(B, -1)], 1)   # (B, S)
-        valid = torch.cat([torch.arange(n_max, device=keep.device)[None] < n[:, None],
-                           torch.ones(B, q1 - lo, dtype=torch.bool, device=keep.device)], 1)
-        i = torch.arange(q0, q1, device=keep.device)[None, :, None]              # (1, Tq, 1)
-        j = idx[:, None, :]                                                       # (B, 1, S)
-        allowed = valid[:, None, :] & (j <= i) & ((j < n_init) | keep.gather(1, idx)[:, None, :] | (i - j < n_local))
-        yield q0, q1, idx, allowed
+        # a column (j < lo) is visible to every query of the block; in the window range rule (1) decides
+        columns = (torch.arange(n_max, device=keep.device) < n[:, None])[:, None, :].expand(B, q1 - q0, n_max)
+        i = torch.arange(q0, q1, device=keep.device)[:, None]                     # (Tq, 1)
+        j = torch.arange(lo, q1, device=keep.device)[None, :]                     # (1, q1 - lo)
+        window = (j <= i) & (kept[:, None, lo:q1] | (i - j < n_local))            # (B, Tq, q1 - lo)
+        yield q0, q1, idx, torch.cat([columns, window], 2)
+
+
+def _gather_rows(k, idx):
+    """k (B, H, T, D) contiguous, idx (B, S) -> the flat row numbers of k[b, h, idx[b, s]], (B*H*S,)."""
+    B, H, T, D = k.shape
+    return (torch.arange(B * H, device=k.device).view(B, H, 1) * T + idx[:, None, :]).flatten()
 
 
 def _attend(q, k, v, allowed, score):
     """Attention of q (B, H, Tq, D) over gathered keys k, v (B, H, S, D), allowed (B, Tq, S)."""
-    if score == "softmax":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+    if score == "softmax":  # an additive mask: SDPA would convert a boolean one in the forward and the backward
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None])
     x = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                         # (B, H, Tq, S)
     return sa_softmax(x, mask=allowed[:, None], normalized=score == "sa_norm") @ v
 
 
 class _GatheredAttention(torch.autograd.Function):
     """The CPU fast path with a backward as sparse as its forward. Each query block's attention runs under autograd
-    on its own gathered keys; the backward differentiates those small graphs and scatter-adds into dK, dV only at
-    the gathered positions (autograd through k.gather would instead add one dense (B, H, T, D) gradient per block)."""
+    on its own gathered keys; the backward differentiates those small graphs and adds into dK, dV only at the
+    gathered rows (autograd through a gather would instead add one dense (B, H, T, D) gradient per block)."""
 
     @staticmethod
     def forward(ctx, q, k, v, keep, n_init, n_local, score, block):
         B, H, T, D = q.shape
+        k, v = k.contiguous(), v.contiguous()
         out, ctx.blocks = torch.empty_like(q), []
         for q0, q1, idx, allowed in _query_blocks(keep, n_init, n_local, block):
-            gather = idx[:, None, :, None].expand(B, H, -1, D)
+            rows = _gather_rows(k, idx)
             with torch.enable_grad():
                 q_b = q[:, :, q0:q1].detach().requires_grad_()                    # (B, H, Tq, D)
-                k_b, v_b = k.gather(2, gather).requires_grad_(), v.gather(2, gather).requires_grad_()  # (B, H, S, D)
+                k_b = k.view(-1, D).index_select(0, rows).view(B, H, -1, D).requires_grad_()   # (B, H, S, D)
+                v_b = v.view(-1, D).index_select(0, rows).view(B, H, -1, D).requires_grad_()
                 o_b = _attend(q_b, k_b, v_b, allowed, score)
             out[:, :, q0:q1] = o_b.detach()
-            ctx.blocks.append((q0, q1, gather, o_b, q_b, k_b, v_b))
+            ctx.blocks.append((q0, q1, rows, o_b, q_b, k_b, v_b))
         return out
 
     @staticmethod
     def backward(ctx, do):
-        dq, dk, dv = torch.empty_like(do), torch.zeros_like(do), torch.zeros_like(do)
-        for q0, q1, gather, o_b, q_b, k_b, v_b in ctx.blocks:
+        B, H, T, D = do.shape
+        dq, dk, dv = torch.empty_like(do), do.new_zeros(B * H * T, D), do.new_zeros(B * H * T, D)
+        for q0, q1, rows, o_b, q_b, k_b, v_b in ctx.blocks:
             dq_b, dk_b, dv_b = torch.autograd.grad(o_b, (q_b, k_b, v_b), do[:, :, q0:q1])
             dq[:, :, q0:q1] = dq_b
-            dk.scatter_add_(2, gather, dk_b)                                      # padding columns get zeros
-            dv.scatter_add_(2, gather, dv_b)
+            dk.index_add_(0, rows, dk_b.reshape(-1, D))                           # padding columns add zeros
+            dv.index_add_(0, rows, dv_b.reshape(-1, D))
         ctx.blocks = None
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk.view(B, H, T, D), dv.view(B, H, T, D), None, None, None, None, None
 
 
-def fast_attention(q, k, v, keep, n_init, n_local, score="softmax", block=256):
+def fast_attention(q, k, v, keep, n_init, n_local, score="softmax", block=128):
     """Per query block: gather the visible columns left of the window, take the window as it is, attend."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _GatheredAttention.apply(q, k, v, keep, n_init, n_local, score, block)
     B, H, T, D = q.shape
-    out = torch.empty_like(q)
+    k, v, out = k.contiguous(), v.contiguous(), torch.empty_like(q)
     for q0, q1, idx, allowed in _query_blocks(keep, n_init, n_local, block):
-        gather = idx[:, None, :, None].expand(B, H, -1, D)
-        out[:, :, q0:q1] = _attend(q[:, :, q0:q1], k.gather(2, gather), v.gather(2, gather), allowed, score)
+        rows = _gather_rows(k, idx)
+        k_b, v_b = (t.view(-1, D).index_select(0, rows).view(B, H, -1, D) for t in (k, v))
+        out[:, :, q0:q1] = _attend(q[:, :, q0:q1], k_b, v_b, allowed, score)
     return out
 
 
