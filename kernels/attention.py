@@ -29,7 +29,8 @@ Backward, from the saved log-sum-exp (p = exp(x − lse)), g = dO·v_j, δ = dO�
     softmax:  dx = p (g − δ)                          weights w = p
     SA-1:     dx = p (g (1 + x) − δ)                  w = x p
     SA-2:     dx = p (g (1/(b−a) + u) − δ)            w = u p,  u = (x − a)/(b − a)
-              + (δ − dO·O_softmax)/(b − a) at the row's arg-min (if a < 0),  − δ/(b − a) at its arg-max (if b > 0)
+              + (δ − dO·O_softmax)/(b − a) at the row's arg-min (if a < 0)
+              − δ/(b − a) at the row's arg-max (if b > 0)
     dQ = Σ dx K / sqrt(d),  dK = Σ dx^T Q / sqrt(d),  dV = Σ w^T dO
 (the last line of SA-2 is the gradient through the row's min and max, which the public implementation does not
 detach).
@@ -199,6 +200,7 @@ class Schedule(NamedTuple):
 
 
 def schedule(keep, n_init, n_local):
+    """The kept columns and, per query block and per column block, where the kernels' loops start and end."""
     B, T = keep.shape
     a, w = min(n_init, T), min(n_local, T)
     cols, kept_before = kept_columns(keep, a)
@@ -209,7 +211,8 @@ def schedule(keep, n_init, n_local):
     q_start = (cols[:, c0] + w + BLOCK_M - 1) // BLOCK_M
     col_qstart = torch.where(c0 < kept_before[:, T:], q_start.clamp(max=n_q), n_q)
     i32 = lambda t: t.to(torch.int32).contiguous()
-    return Schedule(keep.to(torch.int8).contiguous(), i32(cols), i32(kept_before), i32(kept_before[:, lo]), i32(col_qstart), a, w, n_q, n_c)
+    return Schedule(keep.to(torch.int8).contiguous(), i32(cols), i32(kept_before), i32(kept_before[:, lo]),
+                    i32(col_qstart), a, w, n_q, n_c)
 
 
 def pairs_computed(keep, n_init, n_local):

@@ -177,6 +177,12 @@ def test_gpt_sparse_pattern_equals_dense_mask(backend):
     torch.testing.assert_close(sparse, model(idx, attn_mask=pattern.dense()).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_path_rejects_mismatched_heads():
+    q, k, v, keep = inputs("none")
+    with pytest.raises(ValueError, match="same shape"):
+        sepllm_attention(q, k[:, :1], v[:, :1], keep, 3, 7, "softmax")
+
+
 def test_bad_score_or_window_is_rejected():
     q, k, v, keep = inputs("none")
     with pytest.raises(ValueError, match="softmax, sa or sa_norm"):
