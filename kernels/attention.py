@@ -33,7 +33,7 @@ Backward, from the saved log-sum-exp (p = exp(x − lse)), g = dO·v_j, δ = dO�
               − δ/(b − a) at the row's arg-max (if b > 0)
     dQ = Σ dx K / sqrt(d),  dK = Σ dx^T Q / sqrt(d),  dV = Σ w^T dO
 (the last line of SA-2 is the gradient through the row's min and max, which the public implementation does not
-detach).
+detach; on an exact tie the first position takes all of it, where torch.amin would split it).
 Three Triton passes, none with atomics: dQ (query-block major, the forward's loops); dK/dV over the columns (each
 program owns BLOCK_N gathered columns and walks the query blocks whose forward gathered them, j < lo); dK/dV over
 the window (each program owns a key block and walks the few query blocks whose window range [lo, q1) holds it),
