@@ -9,8 +9,12 @@ Benchmarks of the MoE dispatch. Run on a quiet machine:
    top_k times an expert's (the same active FLOPs).
 2. (CUDA only) kernels/moe.py's grouped_mm, forward and forward + backward, at UniPool-like shapes: the Triton
    kernel vs the PyTorch per-expert loop vs one dense matmul of the same FLOPs, in TFLOP/s.
-3. SepLLM attention (kernels/attention.py), ~10 % separators, a = 3, w = 64: on the CPU the gathering fast path
-   vs dense SDPA with a boolean mask; on CUDA the Triton kernel vs FlexAttention with the same mask vs dense SDPA.
+3. SepLLM attention (kernels/attention.py), ~10 % separators, a = 3, w = 64: the (query, key) pairs each Triton
+   pass computes (forward, dQ, dK/dV) against the pairs rule (1) keeps; then the time, on the CPU the gathering
+   fast path vs dense SDPA with a boolean mask, on CUDA the Triton kernel vs FlexAttention with the same mask vs
+   dense SDPA.
+
+    python -m kernels.bench --part=attention      # only the attention part (moe: only the MoE parts)
 """
 import statistics
 import sys
@@ -20,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import parse_flags, run_main
-from kernels.attention import TritonSepAttention, fast_attention
+from common import UserError, parse_flags, run_main
+from kernels.attention import TritonSepAttention, fast_attention, pairs_computed
 from kernels.moe import GroupedMM, grouped_mm_reference
 from sepllm import keep_mask
 from unipool import build_moe_layers, sort_by_expert
@@ -35,6 +39,7 @@ class BenchConfig:
     n_experts: int = 16
     reps: int = 10
     seed: int = 0
+    part: str = "all"          # all | moe | attention
 
 
 def mask_loop(layer, x):
@@ -92,8 +97,21 @@ def gpu_grouped_mm(reps):
                   f"{t_loop / t_tri:.2f}x |")
 
 
+def pairs_table(lengths, a, w):
+    print(f"\n(query, key) pairs per head each Triton pass computes (whole tiles), a={a}, w={w}, 10 % separators\n")
+    print("| T | causal | kept by rule (1) | forward | dQ | dK/dV | forward / kept | dK/dV / forward |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for T in lengths:
+        keep = torch.rand(1, T, generator=torch.Generator().manual_seed(T)) < 0.1
+        p, causal = pairs_computed(keep, a, w), T * (T + 1) // 2
+        pct = lambda n: f"{n:,} ({100 * n / causal:.1f} %)"
+        print(f"| {T} | {causal:,} | {pct(p['kept'])} | {pct(p['forward'])} | {pct(p['dq'])} | {pct(p['dkdv'])} | "
+              f"{p['forward'] / p['kept']:.2f} | {p['dkdv'] / p['forward']:.2f} |")
+
+
 def sepllm_attention_bench(reps, device, lengths=(1024, 4096, 8192)):
     B, H, D, a, w = 1, 4, 32, 3, 64
+    pairs_table(lengths, a, w)
     print(f"\nSepLLM attention on {device}: B={B}, H={H}, head dim {D}, a={a}, w={w}, 10 % separators, "
           f"median of {reps} (ms)\n")
     fast = TritonSepAttention.apply if device == "cuda" else fast_attention
@@ -104,7 +122,7 @@ def sepllm_attention_bench(reps, device, lengths=(1024, 4096, 8192)):
     for T in lengths:
         g = torch.Generator().manual_seed(T)
         q, k, v = (torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
-        keep = (torch.rand(B, T, generator=g) < 0.1).to(device)
+        keep = (torch.rand(B, T, generator=torch.Generator().manual_seed(T)) < 0.1).to(device)
         mask = keep_mask(keep, a, w)[:, None]
         out_fast, out_dense = fast(q, k, v, keep, a, w, "softmax"), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         torch.testing.assert_close(out_fast.float(), out_dense.float(), rtol=2e-2 if device == "cuda" else 1e-4,
@@ -132,8 +150,18 @@ def sepllm_attention_bench(reps, device, lengths=(1024, 4096, 8192)):
 def main():
     cfg = parse_flags(BenchConfig, sys.argv[1:])
     torch.manual_seed(cfg.seed)
-    print(f"T={cfg.tokens}, d={cfg.dim}, expert hidden {cfg.hidden}, E={cfg.n_experts}, forward+backward, "
-          f"median of {cfg.reps}, {torch.get_num_threads()} torch threads\n")
+    if cfg.part not in ("all", "moe", "attention"):
+        raise UserError(f"--part must be all, moe or attention, got {cfg.part!r}")
+    print(f"{torch.get_num_threads()} torch threads")
+    if cfg.part != "attention":
+        moe_bench(cfg)
+    if cfg.part != "moe":
+        sepllm_attention_bench(cfg.reps, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def moe_bench(cfg):
+    print(f"\nT={cfg.tokens}, d={cfg.dim}, expert hidden {cfg.hidden}, E={cfg.n_experts}, forward+backward, "
+          f"median of {cfg.reps}\n")
     print("| top_k | sorted dispatch (ms) | mask loop (ms) | dense SwiGLU, same active FLOPs (ms) | "
           "mask loop / sorted | sorted / dense |\n|---|---|---|---|---|---|")
     for k in (1, 2):
@@ -159,7 +187,6 @@ def main():
     if torch.cuda.is_available():
         print(f"\n{torch.cuda.get_device_name()}: grouped_mm, bf16, median of {cfg.reps}")
         gpu_grouped_mm(cfg.reps)
-    sepllm_attention_bench(cfg.reps, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":
