@@ -146,3 +146,26 @@ def test_streaming_10k_tokens_keeps_memory_bounded():
             model(torch.tensor([[t]]), cache=cache)
             largest = max(largest, len(cache), cache.k[0].shape[2])
     assert largest <= 40 and cache.seen == 10_000
+
+
+@pytest.mark.parametrize("kind", ["sepcache", "sink"])
+def test_stream_perplexity_equals_a_direct_computation(kind):
+    """eval_lm's streaming NLL against a forward of the kept tokens written out: with one layer a cached key
+    depends on its token only, so each step's logits equal a plain causal forward over the tokens the rule keeps
+    (positions 0..S-1 inside the cache, the new token last)."""
+    from eval_lm import stream_nll
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    stream = torch.randint(0, 8, (120,), generator=torch.Generator().manual_seed(5))
+    a, s, w, c = 2, 3, 4, 14
+    cache = SepCache(1, SEP, a, s, w, c) if kind == "sepcache" else SinkCache(1, a, c)
+    nll, kv, pred = stream_nll(model, stream, cache)
+    kept = simulate(stream.tolist(), SEP, a, s, w, c) if kind == "sepcache" else sink_simulate(len(stream), a, c)
+    expect = []
+    with torch.no_grad():
+        for t, pos in zip(range(len(stream) - 1), kept):
+            logits = model(stream[pos][None]).logits[0, -1]
+            expect.append(torch.nn.functional.cross_entropy(logits, stream[t + 1]).item())
+            assert kv[t] == len(pos) and pred[t] == logits.argmax()
+    torch.testing.assert_close(nll, torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert (kv == c).sum() > 20   # full many times: it evicted

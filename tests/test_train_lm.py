@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from common import UserError, download, parse_flags
 from train_lm import TrainConfig, prepare_data
@@ -179,3 +180,68 @@ def test_ideas_combine_in_one_run(data_dir):
     for bad in (["--probe_router=7"], ["--eval_mask=streaming", "--layer_windows=1,2"], ["--stream=disk"], []):
         r = run([f"--out_dir={out}", *bad], data_dir, script="eval_lm.py")
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (bad, r.stderr)
+
+
+def test_sparse_window_must_be_positive_and_smaller_than_the_context(data_dir):
+    """--n_local=0 once trained full attention silently; a window covering the context is full attention too."""
+    for bad, says in ((["--attn_mask=sepllm", "--n_local=0"], "--n_local=0"),
+                      (["--attn_mask=streaming", "--n_local=0"], "--n_local=0"),
+                      (["--attn_mask=sepllm", "--n_local=16"], "--block_size="),    # SMALL has block_size=16
+                      (["--attn_mask=fixed", "--layer_windows=0,20", "--n_layer=2"], "--block_size=")):
+        r = run([f"--out_dir={data_dir / 'bad'}", *bad], data_dir)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, (bad, r.stderr)
+    out = data_dir / "ok"
+    r = run([f"--out_dir={out}", "--max_iters=1", "--eval_interval=1"], data_dir)
+    assert r.returncode == 0, r.stderr
+    for bad in (["--eval_mask=sepllm", "--n_local=0"], ["--eval_mask=streaming", "--n_local=16"],
+                ["--stream=sepcache", "--n_local=0", "--sep_size=2", "--cache_capacity=10"]):
+        r = run([f"--out_dir={out}", *bad], data_dir, script="eval_lm.py")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (bad, r.stderr)
+
+
+def test_kept_fraction_printed_and_stored(data_dir):
+    """The kept share of causal pairs, against a count written out over the first evaluation batch."""
+    out = data_dir / "sep"
+    r = run([f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--attn_mask=sepllm", "--n_init=2",
+             "--n_local=3"], data_dir)
+    assert r.returncode == 0, r.stderr
+    got = json.load(open(out / "summary.json"))["kept_fraction"]
+    assert f"kept fraction {got:.3f}" in r.stdout
+    cfg = TrainConfig(data_dir=str(data_dir / "data"), cache_dir=str(data_dir / "cache"), block_size=16,
+                      batch_size=4)
+    data, tok = prepare_data(cfg)
+    from train_lm import get_batch
+    x = get_batch(data["val"], 4, 16, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    sep = {tok.stoi[c] for c in ".,?!;:\n \t" if c in tok.stoi}
+    kept = sum(j <= i and (j < 2 or int(x[b, j]) in sep or i - j < 3)
+               for b in range(4) for i in range(16) for j in range(16))
+    assert got == pytest.approx(kept / (4 * 16 * 17 / 2), rel=1e-9)
+    assert 0.2 < got < 0.9
+    r = run([f"--out_dir={data_dir / 'full'}", "--max_iters=1", "--eval_interval=1"], data_dir)
+    assert json.load(open(data_dir / "full" / "summary.json"))["kept_fraction"] == 1.0
+
+
+def test_init_from_starts_from_the_weights_with_a_fresh_schedule(data_dir):
+    """Post-training: the new run's first evaluation (before any step) equals the training-free evaluation of
+    the source checkpoint under the same mask; its schedule restarts at warm-up; another shape is refused."""
+    src, post = data_dir / "src", data_dir / "post"
+    r = run([f"--out_dir={src}", "--max_iters=10"], data_dir)
+    assert r.returncode == 0, r.stderr
+    sparse = ["--n_init=2", "--n_local=4"]
+    r = run([f"--out_dir={src}", "--eval_mask=sepllm", *sparse], data_dir, script="eval_lm.py")
+    assert r.returncode == 0, r.stderr
+    free = float(r.stdout.split("val loss ")[1].split(",")[0])
+    r = run([f"--out_dir={post}", f"--init_from={src / 'ckpt_best.pt'}", "--attn_mask=sepllm", *sparse,
+             "--max_iters=5", "--log_interval=1"], data_dir)
+    assert r.returncode == 0, r.stderr
+    first = float(r.stdout.split("eval iter 0: ")[1].split("val loss ")[1].split()[0].rstrip(","))
+    assert first == pytest.approx(free, abs=1e-4)
+    fresh = [json.loads(l) for l in open(post / "metrics.jsonl") if '"lr"' in l]
+    assert fresh[0]["iter"] == 1 and fresh[0]["lr"] == pytest.approx(1e-3 * 1 / 4)   # warm-up step 0 of 3
+    # the untrained model of the same seed starts elsewhere
+    r = run([f"--out_dir={data_dir / 'scratch'}", "--attn_mask=sepllm", *sparse, "--max_iters=1"], data_dir)
+    assert float(r.stdout.split("eval iter 0: ")[1].split("val loss ")[1].split()[0].rstrip(",")) > first + 0.2
+    r = run([f"--out_dir={data_dir / 'x'}", f"--init_from={src / 'ckpt_best.pt'}", "--n_embd=64"], data_dir)
+    assert r.returncode == 2 and "n_embd" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run([f"--out_dir={post}", f"--init_from={src / 'ckpt_best.pt'}", "--resume"], data_dir)
+    assert r.returncode == 2 and "pick one" in r.stderr
