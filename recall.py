@@ -12,7 +12,8 @@ with replacement. The query's key predicts its value: that prediction is the ans
 a local window shorter than the distance to the queried segment, an attention pattern can only answer through
 what it keeps of the past: SepLLM keeps the separator that closed the segment (which saw the key and the value in
 its window), StreamingLLM keeps nothing of it. A model that copies some value of the context scores about 1/P;
-one that guesses a value at random, 1/n_values.
+one that guesses a value at random, 1/n_values. With as many queries as segments, the last query can also be
+answered by elimination (the one segment not yet asked about), without matching its key.
 
 Tokens are characters, so the usual character machinery works: "." is the only separator, "#" the query mark,
 keys are upper-case letters and values lower-case ones.

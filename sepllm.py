@@ -25,7 +25,7 @@ counts only if it encodes to one token); the caches hold batch size 1; a new chu
 prefill) attends to the cache and, among its own tokens, by rule (1), so the prefill is sparse too; compression
 happens before a new chunk is appended, so the size is ≤ c after every one-token step.
 
-Train it:  python train_lm.py --dataset=shakespeare --attn_mask=sepllm --n_init=3 --n_local=64
+Train it:  python train_lm.py --dataset=shakespeare --attn_mask=sepllm --n_init=3 --n_local=64 --block_size=256
 """
 from typing import NamedTuple
 
