@@ -289,5 +289,10 @@ def test_recall_dataset_trains_and_reports_answer_accuracy(tmp_path):
     s = json.load(open(out / "summary.json"))
     assert 0 <= s["val_answer_acc"] <= 1 and s["val_answer_acc_by_distance"] and 0 < s["kept_fraction"] < 1
     assert "val answer accuracy" in r.stdout
+    for mode, says in ((["--eval_mask=sepllm", "--n_init=1", "--n_local=4"], "kept fraction 0.537"),
+                       (["--stream=sepcache", "--n_init=1", "--sep_size=2", "--n_local=4", "--cache_capacity=10",
+                         "--stream_tokens=56"], "answer accuracy")):
+        r = run([f"--out_dir={out}", *mode], tmp_path, script="eval_lm.py")
+        assert r.returncode == 0 and says in r.stdout, (mode, r.stdout, r.stderr)
     r = run([f"--out_dir={out}", "--dataset=recall", "--block_size=64"], tmp_path)
     assert r.returncode == 2 and "--block_size=27" in r.stderr
