@@ -493,7 +493,9 @@ def check_sparse_windows(cfg, mask_kind):
     windows = layer_windows(cfg) if cfg.layer_windows else [cfg.n_local]
     if not cfg.layer_windows and cfg.n_local < 1:
         raise UserError(f"--n_local={cfg.n_local} with --attn_mask/--eval_mask={mask_kind}: the local window must be "
-                        f">= 1 (it counts the token itself); for full attention in a layer use --layer_windows=...,0,...")
+                        f">= 1 (it counts the token itself); for a full-attention layer use --layer_windows=...,0,...")
+    if max(windows) == 0:
+        raise UserError(f"--layer_windows={cfg.layer_windows} makes every layer full attention; use --attn_mask=full")
     if all(w == 0 or w >= cfg.block_size for w in windows):
         raise UserError(f"the window {max(windows)} covers the whole context block_size={cfg.block_size}, so "
                         f"--attn_mask/--eval_mask={mask_kind} would be full attention: use --block_size larger than "
