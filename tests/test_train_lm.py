@@ -187,7 +187,8 @@ def test_sparse_window_must_be_positive_and_smaller_than_the_context(data_dir):
     for bad, says in ((["--attn_mask=sepllm", "--n_local=0"], "--n_local=0"),
                       (["--attn_mask=streaming", "--n_local=0"], "--n_local=0"),
                       (["--attn_mask=sepllm", "--n_local=16"], "--block_size="),    # SMALL has block_size=16
-                      (["--attn_mask=fixed", "--layer_windows=0,20", "--n_layer=2"], "--block_size=")):
+                      (["--attn_mask=fixed", "--layer_windows=0,20", "--n_layer=2"], "--block_size="),
+                      (["--attn_mask=sepllm", "--layer_windows=0,0", "--n_layer=2"], "--attn_mask=full")):
         r = run([f"--out_dir={data_dir / 'bad'}", *bad], data_dir)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, (bad, r.stderr)
     out = data_dir / "ok"
