@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from common import UserError, load_checkpoint, load_weights, parse_flags, pick_device, run_main
 from gpt import KVCache
 from sepllm import STREAMING_SEPARATORS, SepCache, SinkCache, kept_fraction
-from train_lm import (TrainConfig, Tokenizer, build_model, estimate_loss, get_batch, layer_windows, make_masks,
-                      moe_layers, prepare_data)
+from train_lm import (TrainConfig, Tokenizer, build_model, check_sparse_windows, estimate_loss, get_batch,
+                      layer_windows, make_masks, moe_layers, prepare_data, recall_eval)
 from unipool import random_routing
 
 
@@ -100,33 +100,61 @@ def eval_mask(cfg):
     """Training-free sparse attention: the checkpoint's val loss under --eval_mask, and the kept KV fraction."""
     model, tok, saved, device, data = load_trained(cfg)
     layer_windows(saved)
+    check_sparse_windows(saved, cfg.eval_mask)
     sep = tok.separators()
     masks = lambda x: make_masks(saved, cfg.eval_mask, x, sep)
     loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
     x, _ = get_batch(data["val"], saved.batch_size, saved.block_size, torch.Generator().manual_seed(saved.seed + 1))
+    note = ""
+    if saved.dataset == "recall":
+        r = recall_eval(model, data["val"], saved, device, contextlib.nullcontext(), masks)
+        note = f", val answer accuracy {r['answer_acc']:.3f} (far {r['answer_acc_far']:.3f})"
     print(f"{cfg.eval_mask} mask (a={saved.n_init}, w={saved.n_local}, layers {saved.layer_windows or 'all'}): "
-          f"val loss {loss:.4f}, kept fraction {kept_fraction(masks(x.to(device)) or [None]):.3f}")
+          f"val loss {loss:.4f}, kept fraction {kept_fraction(masks(x.to(device)) or [None]):.3f}{note}")
+
+
+@torch.no_grad()
+def stream_nll(model, stream, cache, device="cpu"):
+    """Decode stream (L,) one token a step through cache: per step, the negative log-likelihood of the next token,
+    the cache length and the greedy prediction, each (L − 1,)."""
+    nll, kv, pred = [], [], []
+    for t in range(len(stream) - 1):
+        logits = model(stream[t:t + 1].view(1, 1).to(device), cache=cache).logits[0, -1]
+        nll.append(F.cross_entropy(logits.float(), stream[t + 1].to(device)).item())
+        kv.append(len(cache))
+        pred.append(logits.argmax().item())
+    return torch.tensor(nll, dtype=torch.float64), torch.tensor(kv), torch.tensor(pred)
 
 
 @torch.no_grad()
 def stream_eval(cfg):
     """Perplexity of one long token stream decoded a token at a step through a KV cache (SepCache, SinkCache or
-    the full cache), with the KV it used and its speed."""
+    the full cache), with the KV it used and its speed. For --dataset=recall checkpoints, each validation
+    episode is one stream with a fresh cache, and the answers' accuracy is reported too."""
     model, tok, saved, device, data = load_trained(cfg)
-    stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
-    stream = stream[:cfg.stream_tokens or len(stream)]
     L = saved.n_layer
-    cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
-                                          cfg.n_local, cfg.cache_capacity),
-             "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]()
-    nll, kv, kv_max, t0 = 0.0, 0, 0, time.time()
-    for t in range(len(stream) - 1):
-        logits = model(stream[t:t + 1].view(1, 1).to(device), cache=cache).logits[0, -1]
-        nll += F.cross_entropy(logits.float(), stream[t + 1].to(device)).item()
-        kv, kv_max = kv + len(cache), max(kv_max, len(cache))
-    n = len(stream) - 1
-    print(f"{cfg.stream}: {n} tokens, ppl {math.exp(nll / n):.2f}, average KV {kv / n:.0f}, max KV {kv_max}, "
-          f"{n / (time.time() - t0):.0f} tok/s")
+    new_cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
+                                              cfg.n_local, cfg.cache_capacity),
+                 "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]
+    t0 = time.time()
+    if saved.dataset == "recall":
+        val = data["val"]
+        episodes = val.fixed[:max(1, cfg.stream_tokens // val.fixed.shape[1])] if cfg.stream_tokens else val.fixed
+        nll, kv, correct = [], [], []
+        for e in episodes:
+            n, k, pred = stream_nll(model, e, new_cache(), device)
+            nll.append(n)
+            kv.append(k)
+            correct.append(pred[val.answers()] == e[val.answers() + 1])
+        nll, kv = torch.cat(nll), torch.cat(kv)
+        note = f", answer accuracy {torch.stack(correct).float().mean():.3f} ({len(episodes)} episodes)"
+    else:
+        stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
+        nll, kv, _ = stream_nll(model, stream[:cfg.stream_tokens or len(stream)], new_cache(), device)
+        note = ""
+    n = len(nll)
+    print(f"{cfg.stream}: {n} tokens, ppl {math.exp(nll.mean()):.2f}, average KV {kv.float().mean():.0f}, max KV "
+          f"{kv.max()}, {n / (time.time() - t0):.0f} tok/s{note}")
 
 
 
@@ -141,6 +169,8 @@ def main():
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(a for a in allowed if a)}")
     if cfg.probe_router not in ("", "all") and not cfg.probe_router.isdigit():
         raise UserError(f"--probe_router={cfg.probe_router} must be all or a layer number")
+    if cfg.stream == "sepcache" and cfg.n_local < 1:
+        raise UserError(f"--n_local={cfg.n_local}: the cache's local window must be >= 1")
     if cfg.stream == "sepcache" and cfg.n_init + cfg.sep_size + cfg.n_local >= cfg.cache_capacity:
         raise UserError(f"--cache_capacity={cfg.cache_capacity} must exceed n_init + sep_size + n_local")
     {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[modes[0]](cfg)

@@ -15,7 +15,9 @@ Equations, for one row x of scaled scores over its valid (unmasked) entries:
 
 Rows are not renormalised (SA-1 weights can be negative). Choices, as in the only public implementation:
 x_min and x_max are NOT detached (gradient flows through them). Masked entries are zeroed before the product
-(−inf · 0 would be NaN), and a fully masked row gives zeros. Half-precision inputs are computed in fp32 and cast back.
+(−inf · 0 would be NaN), and a fully masked row gives zeros; −inf already in x counts as masked, so an additive
+mask means what the boolean one does. Scores are formed and adjusted in fp32 (also under autocast), then cast
+back.
 
 Train it:  python train_lm.py --attn_score=sa        (or --attn_score=sa_norm)
 See the gradient argument:  python sa_softmax.py
@@ -34,8 +36,10 @@ def masked_softmax(x, mask, dim=-1):
 
 
 def sa_softmax(x, dim=-1, mask=None, normalized=False):
-    """SA-1 (x · softmax(x)) or, with normalized=True, SA-2. mask: bool like x (broadcastable), True = keep."""
-    mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.expand_as(x)
+    """SA-1 (x · softmax(x)) or, with normalized=True, SA-2. mask: bool like x (broadcastable), True = keep.
+    An additive mask (−inf already in x) means the same as the boolean one: −inf entries are masked."""
+    # −inf entries are masked too (else −inf · 0 = NaN, and SA-2's x_min would be −inf for the whole row)
+    mask = x != float("-inf") if mask is None else mask.expand_as(x) & (x != float("-inf"))
     xf = x.to(torch.promote_types(x.dtype, torch.float32))   # fp32 at least: bf16 loses the row statistics
     p = masked_softmax(xf, mask, dim)
     x0 = xf.masked_fill(~mask, 0.0)   # masked entries have p = 0; a zero x keeps 0·p = 0 instead of NaN
@@ -55,12 +59,15 @@ def sa_attention(q, k, v, mask=None, normalized=False, dropout_p=0.0):
     T, S = q.shape[-2], k.shape[-2]
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None]
-    # x = q K^T / √d
-    x = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])                        # (B, H, T, S)
+    # x = q K^T / √d, in fp32 even under autocast (as the fused kernel does): bf16 scores of size ~10 are off by
+    # ~0.05, which the product x · softmax(x) amplifies
+    f32 = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        x = (q.to(f32) @ k.to(f32).transpose(-2, -1)) / math.sqrt(q.shape[-1])   # (B, H, T, S)
     w = sa_softmax(x, dim=-1, mask=mask[:, None], normalized=normalized)
     if dropout_p > 0:
         w = torch.nn.functional.dropout(w, dropout_p)
-    return w @ v                                                                   # (B, H, T, D)
+    return w.to(v.dtype) @ v                                                       # (B, H, T, D)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,21 @@ and were not yet compressed) only the separators stay; they join the separator c
 (FIFO); the cache is rebuilt as initial + separators + local window. Keys are stored BEFORE RoPE and rotated
 with their index inside the cache, the query taking the next index, so positions never outgrow training.
 
-Choices: separator ids are derived from the tokenizer at run time (a string counts only if it encodes to one
-token); the caches hold batch size 1; a new chunk of several tokens (a prompt's prefill) attends to the
-cache and, among its own tokens, by rule (1), so the prefill is sparse too; compression happens before a new
-chunk is appended, so the size is ≤ c after every one-token step.
+Choices: SEP holds . , ? ! ; : newline, space and tab, as the official training code does (SEPARATORS below
+says what space and tab mean per tokenizer); separator ids are derived from the tokenizer at run time (a string
+counts only if it encodes to one token); the caches hold batch size 1; a new chunk of several tokens (a prompt's
+prefill) attends to the cache and, among its own tokens, by rule (1), so the prefill is sparse too; compression
+happens before a new chunk is appended, so the size is ≤ c after every one-token step.
 
-Train it:  python train_lm.py --dataset=shakespeare --attn_mask=sepllm --n_init=3 --n_local=64
+Train it:  python train_lm.py --dataset=shakespeare --attn_mask=sepllm --n_init=3 --n_local=64 --block_size=256
 """
 from typing import NamedTuple
 
 import torch
 
+# The official training set: punctuation, newline, and also space and tab. With GPT-2 BPE most words carry their
+# leading space, so the bare space token is rare; in a character model space and tab are every word boundary, so
+# there every word (not only every sentence or clause) is a segment. Streaming adds the space-prefixed punctuation.
 SEPARATORS = (".", ",", "?", "!", ";", ":", "\n", " ", "\t")
 STREAMING_SEPARATORS = SEPARATORS + (" .", " ,", " ?", " !", " ;", " :")
 
@@ -128,7 +132,8 @@ class SepCache:
         in_window = torch.arange(n) >= n - self.w
         sep = (is_separator(self.ids[None], self.sep_ids)[0] & ~is_init & ~in_window).nonzero().flatten()
         keep = is_init | in_window
-        keep[sep[len(sep) - self.s:]] = True
+        # the newest s of them; max(…, 0): with fewer than s separators all stay (a negative start would drop some)
+        keep[sep[max(len(sep) - self.s, 0):]] = True
         return keep
 
     def start(self, idx):

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, append_jsonl, download, fmt_seconds, parse_flags, pick_device, resume_from, run_main,
-                    save_atomic, sha256_of, write_json)
+from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, load_weights,
+                    parse_flags, pick_device, resume_from, run_main, save_atomic, sha256_of, write_json)
 from gpt import GPT, GPTConfig, ffn_hidden_size
 from kernels import set_backend
-from sepllm import SEPARATORS, SparsePattern, fixed_interval_keep, is_separator, separator_ids
+from recall import RecallData, answer_accuracy, episode_length
+from sepllm import SEPARATORS, SparsePattern, fixed_interval_keep, is_separator, kept_fraction, separator_ids
 from unipool import MoE, aux_losses, build_moe_layers
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -38,12 +39,13 @@ GPT_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_siz
             "attn_score")
 MOE_KEYS = ("ffn", "n_experts", "pool_size", "pool_groups", "top_k", "router", "expert_split")
 MODEL_KEYS = ("dataset",) + GPT_KEYS + MOE_KEYS
+RECALL_KEYS = ("recall_pairs", "recall_queries", "recall_keys", "recall_values")
 
 
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "shakespeare_char"   # shakespeare_char (characters) | shakespeare (GPT-2 BPE, r50k_base)
+    dataset: str = "shakespeare_char"   # shakespeare_char (characters) | shakespeare (GPT-2 BPE, r50k_base) | recall
     data_dir: str = ""                  # local copy laid out like shared/data (shakespeare/input.txt); "" = download
     cache_dir: str = "~/.cache/nanopapers"  # downloads and tokenized .bin files
     out_dir: str = "out-lm"             # checkpoints, metrics.jsonl, summary.json
@@ -92,11 +94,18 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     resume: bool = False                # continue from out_dir/ckpt_last.pt
+    init_from: str = ""                 # a checkpoint whose weights start this run (fresh optimizer and schedule)
     # sparse attention (sepllm.py)
     attn_mask: str = "full"             # full | sepllm | streaming | fixed (FixLLM: every 5th token kept)
     n_init: int = 3                     # sink tokens a
     n_local: int = 64                   # local window w
     layer_windows: str = ""             # per-layer windows, e.g. 0,64,64,0 (0 = full); "" = n_local everywhere
+    # --dataset=recall (recall.py): block_size must be 3 * recall_pairs + 4 * recall_queries - 1
+    recall_pairs: int = 4               # key-value segments per episode
+    recall_queries: int = 4             # queries per episode, each about a different segment
+    recall_keys: int = 8                # key alphabet
+    recall_values: int = 8              # value alphabet
+    recall_targets: str = "all"         # all: loss on every next token | answers: on the answers only
 
 
 # ----------------------------------------------------------------------------- data
@@ -116,11 +125,11 @@ def source_text(cfg):
 
 
 class Tokenizer:
-    """Characters of the text (shakespeare_char) or GPT-2's BPE through tiktoken (shakespeare)."""
+    """Characters of the text (shakespeare_char, recall) or GPT-2's BPE through tiktoken (shakespeare)."""
 
     def __init__(self, dataset, chars=None):
         self.dataset, self.chars = dataset, chars
-        if dataset == "shakespeare_char":
+        if dataset in ("shakespeare_char", "recall"):
             self.stoi = {c: i for i, c in enumerate(chars)}
             self.vocab_size = len(chars)
         elif dataset == "shakespeare":
@@ -132,10 +141,10 @@ class Tokenizer:
                                 f"folder holding its cached file") from None
             self.vocab_size = self.enc.n_vocab
         else:
-            raise UserError(f"unknown --dataset={dataset}; use shakespeare_char or shakespeare")
+            raise UserError(f"unknown --dataset={dataset}; use shakespeare_char, shakespeare or recall")
 
     def encode(self, s):
-        if self.dataset == "shakespeare_char":
+        if self.chars is not None:
             unknown = sorted(set(s) - set(self.stoi))
             if unknown:
                 raise UserError(f"characters {unknown} are not in the vocabulary of this data set")
@@ -143,10 +152,10 @@ class Tokenizer:
         return self.enc.encode_ordinary(s)
 
     def separators(self, strings=SEPARATORS):
-        return separator_ids(self.chars if self.dataset == "shakespeare_char" else self.enc, strings)
+        return separator_ids(self.chars if self.chars is not None else self.enc, strings)
 
     def decode(self, ids):
-        if self.dataset == "shakespeare_char":
+        if self.chars is not None:
             return "".join(self.chars[i] for i in ids)
         return self.enc.decode(ids)
 
@@ -154,7 +163,10 @@ class Tokenizer:
 def prepare_data(cfg):
     """Tokenize once into uint16 train.bin / val.bin (90/10 split by characters) in the writable cache.
 
-    The folder is keyed by the text's sha256, so a different local copy never reuses stale tokens."""
+    The folder is keyed by the text's sha256, so a different local copy never reuses stale tokens.
+    --dataset=recall is generated instead (recall.py): fresh training episodes every batch, a fixed validation set."""
+    if cfg.dataset == "recall":
+        return recall_data(cfg)
     path = source_text(cfg)
     digest = sha256_of(path)
     out = os.path.join(os.path.expanduser(cfg.cache_dir), f"{cfg.dataset}-{digest[:12]}")
@@ -182,6 +194,22 @@ def prepare_data(cfg):
     return data, tok
 
 
+def recall_data(cfg):
+    """The recall task's splits: training episodes drawn from the batch generator, 2048 fixed validation episodes
+    (the same for every seed, so runs compare on one set)."""
+    n = episode_length(cfg.recall_pairs, cfg.recall_queries)
+    if cfg.block_size != n - 1:
+        raise UserError(f"--dataset=recall with {cfg.recall_pairs} pairs and {cfg.recall_queries} queries makes "
+                        f"episodes of {n} tokens: use --block_size={n - 1}")
+    try:
+        args = (cfg.recall_pairs, cfg.recall_queries, cfg.recall_keys, cfg.recall_values)
+        train = RecallData(*args, answers_only=cfg.recall_targets == "answers")
+        val = RecallData(*args, seed=0, n_fixed=2048, answers_only=cfg.recall_targets == "answers")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return {"train": train, "val": val}, Tokenizer("recall", train.chars)
+
+
 def save_atomic_bytes(blob, path):
     with open(path + ".tmp", "wb") as f:
         f.write(blob)
@@ -190,6 +218,8 @@ def save_atomic_bytes(blob, path):
 
 def get_batch(data, n_seq, block_size, gen):
     """n_seq random windows of block_size+1 tokens -> inputs x and next-token targets y, each (n_seq, T)."""
+    if isinstance(data, RecallData):
+        return data.batch(n_seq, gen)
     ix = torch.randint(len(data) - block_size - 1, (n_seq,), generator=gen)
     w = torch.from_numpy(np.stack([data[i:i + block_size + 1].astype(np.int64) for i in ix.tolist()]))
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
@@ -222,7 +252,7 @@ def check_same_schedule(saved, cfg, path):
         raise UserError(f"--resume continues {path} exactly, but its learning-rate schedule would change "
                         f"({', '.join(diff)}; lr_decay_iters 0 means max_iters). Train longer on the same schedule "
                         f"with --lr_decay_iters={old['lr_decay_iters']} (past it the rate stays at min_lr), or start "
-                        f"a new run from its weights with --init_from={path}")
+                        f"a new run from its weights with --init_from={path} and another --out_dir")
 
 
 def make_masks(cfg, kind, x, sep_ids):
@@ -262,6 +292,30 @@ def estimate_loss(model, data, cfg, device, autocast, masks=lambda x: None):
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
+
+
+@torch.no_grad()
+def recall_eval(model, val, cfg, device, autocast, masks=lambda x: None):
+    """Answer accuracy (exact match of the greedy answer) on the fixed validation episodes of --dataset=recall:
+    overall, for "far" queries (the queried value lies outside the local window n_local and outside the n_init
+    sinks, so a window-only pattern cannot see it), and by distance from the query to the segment's separator."""
+    model.eval()
+    correct, dist = [], []
+    for b in range(0, len(val.fixed), 256):
+        e = val.fixed[b:b + 256]
+        x, y = e[:, :-1], e[:, 1:]
+        with autocast:
+            logits = model(x.to(device), attn_mask=masks(x.to(device))).logits.float().cpu()
+        c, d = answer_accuracy(logits, x, y, val)
+        correct.append(c)
+        dist.append(d)
+    model.train()
+    c, d = torch.cat(correct), torch.cat(dist)
+    value_pos = val.answers()[None] - d - 1
+    far = (d + 1 >= cfg.n_local) & (value_pos >= cfg.n_init)
+    return {"answer_acc": c.float().mean().item(),
+            "answer_acc_far": c[far].float().mean().item() if far.any() else float("nan"),
+            "answer_acc_by_distance": {int(k): c[d == k].float().mean().item() for k in d.unique()}}
 
 
 def model_config(cfg, vocab_size):
@@ -316,6 +370,8 @@ def train(cfg):
     data, tok = prepare_data(cfg)
     sep_ids = tok.separators()
     model = build_model(cfg, tok.vocab_size).to(device)
+    if cfg.init_from:
+        init_weights(model, cfg, device)
     optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=device_type in ("cuda", "cpu"))
     # every process draws the same global batch from one generator and takes its slice of it
@@ -325,7 +381,8 @@ def train(cfg):
     last_path, best_path = (os.path.join(cfg.out_dir, f"ckpt_{n}.pt") for n in ("last", "best"))
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if cfg.resume:
-        ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
+        ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS + (RECALL_KEYS if cfg.dataset == "recall" else ()),
+                           model, optimizer, device)
         check_same_schedule(ckpt["config"], cfg, last_path)
         gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -344,9 +401,15 @@ def train(cfg):
     layers = moe_layers(raw_model)
     aux_kind = cfg.aux_loss if cfg.aux_loss != "auto" else ("switch" if cfg.ffn == "moe" else "pool")
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    # the kept share of causal (query, key) pairs, on the first evaluation batch (1.0 for full attention)
+    x_eval = get_batch(data["val"], cfg.batch_size, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    kept = kept_fraction(make_masks(cfg, cfg.attn_mask, x_eval, sep_ids) or [None])
     if master:
         print(f"{param_report(raw_model)} | {tokens_per_iter} tokens/iter | device {device} x{world} | "
               f"{torch.get_num_threads()} threads")
+        print(f"attention {cfg.attn_mask}: kept fraction {kept:.3f} of the causal (query, key) pairs at T="
+              f"{cfg.block_size}" + (f" (a={cfg.n_init}, windows {layer_windows(cfg)})" if cfg.attn_mask != "full"
+                                     else ""))
 
     def checkpoint(it, path):
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
@@ -370,9 +433,16 @@ def train(cfg):
             if not all(map(math.isfinite, losses.values())):
                 raise UserError(f"loss became {losses} at iter {it}; the last good checkpoint is kept. "
                                 f"Lower --lr or raise --warmup_iters")
+            if cfg.dataset == "recall":
+                recall = recall_eval(raw_model, data["val"], cfg, device, autocast,
+                                     lambda x: make_masks(cfg, cfg.attn_mask, x, sep_ids))
             if master:
-                print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                append_jsonl(metrics_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+                print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
+                      (f", val answer accuracy {recall['answer_acc']:.3f} (far {recall['answer_acc_far']:.3f})"
+                       if cfg.dataset == "recall" else ""))
+                append_jsonl(metrics_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                                            **({f"val_{k}": v for k, v in recall.items()}
+                                               if cfg.dataset == "recall" else {})})
                 if it > start_iter or not cfg.resume:
                     if losses["val"] < best_val:
                         best_val = losses["val"]
@@ -422,26 +492,62 @@ def train(cfg):
                    "iters": cfg.max_iters, "wall_seconds": wall, "train_seconds": train_s, "eval_seconds": eval_s,
                    # the progress lines' definition: tokens of the training steps / their time (no evaluation)
                    "tokens_per_second": trained * tokens_per_iter / train_s if trained else None,
-                   "params": n_params, "world_size": world, "device": device, "config": asdict(cfg)}
+                   "params": n_params, "world_size": world, "device": device, "kept_fraction": kept,
+                   **({f"val_{k}": v for k, v in recall.items()} if cfg.dataset == "recall" else {}),
+                   "config": asdict(cfg)}
         write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
         print(f"final val loss {losses['val']:.4f} (best {best_val:.4f}) | {fmt_seconds(wall)} wall")
     if ddp:
         dist.destroy_process_group()
 
 
+def init_weights(model, cfg, device):
+    """--init_from: the weights of another run's checkpoint (e.g. full attention, to post-train with a sparse
+    --attn_mask); the optimizer, schedule and data stream start fresh. The model must have the same shape."""
+    ckpt = load_checkpoint(cfg.init_from, device)
+    keys = [k for k in MODEL_KEYS if k != "block_size"] + (list(RECALL_KEYS) if cfg.dataset == "recall" else [])
+    try:
+        check_same(ckpt["config"], asdict(cfg), keys, cfg.init_from)
+    except UserError as e:
+        raise UserError(str(e).replace("or use another --out_dir", "to --init_from from it")) from None
+    load_weights(model, ckpt["model"], cfg.init_from)
+    print(f"initialised from {cfg.init_from} (its iter {ckpt['iter']}, attention {ckpt['config']['attn_mask']})")
+
+
+def check_sparse_windows(cfg, mask_kind):
+    """A sparse pattern needs windows >= 1 (w = 0 would keep no neighbour, not even the token itself) and below
+    block_size (a window covering the whole context is full attention)."""
+    if mask_kind in ("", "full"):
+        return
+    windows = layer_windows(cfg) if cfg.layer_windows else [cfg.n_local]
+    if not cfg.layer_windows and cfg.n_local < 1:
+        raise UserError(f"--n_local={cfg.n_local} with --attn_mask/--eval_mask={mask_kind}: the local window must be "
+                        f">= 1 (it counts the token itself); for a full-attention layer use --layer_windows=...,0,...")
+    if max(windows) == 0:
+        raise UserError(f"--layer_windows={cfg.layer_windows} makes every layer full attention; use --attn_mask=full")
+    if all(w == 0 or w >= cfg.block_size for w in windows):
+        raise UserError(f"the window {max(windows)} covers the whole context block_size={cfg.block_size}, so "
+                        f"--attn_mask/--eval_mask={mask_kind} would be full attention: use --block_size larger than "
+                        f"the window (e.g. --block_size={4 * max(windows)}) or a smaller --n_local")
+
+
 def main():
     cfg = parse_flags(TrainConfig, sys.argv[1:])
-    if cfg.dataset not in ("shakespeare_char", "shakespeare"):
-        raise UserError(f"unknown --dataset={cfg.dataset}; use shakespeare_char or shakespeare")
+    if cfg.dataset not in ("shakespeare_char", "shakespeare", "recall"):
+        raise UserError(f"unknown --dataset={cfg.dataset}; use shakespeare_char, shakespeare or recall")
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "block_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
     choices = {"ffn": ("dense", "moe", "unipool"), "router": ("auto", "softmax", "norm"),
-               "aux_loss": ("auto", "switch", "pool", "none"), "attn_mask": ("full", "sepllm", "streaming", "fixed")}
+               "aux_loss": ("auto", "switch", "pool", "none"), "attn_mask": ("full", "sepllm", "streaming", "fixed"),
+               "recall_targets": ("all", "answers")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(allowed)}")
     layer_windows(cfg)
+    check_sparse_windows(cfg, cfg.attn_mask)
+    if cfg.resume and cfg.init_from:
+        raise UserError("--resume continues this run; --init_from starts a new one from another's weights: pick one")
     if cfg.attn_mask != "full" and cfg.dropout > 0:
         raise UserError("--dropout must be 0 with a sparse --attn_mask (the sparse kernels have no attention dropout)")
     try:

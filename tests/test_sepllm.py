@@ -63,40 +63,57 @@ def feed(cache, tokens, n_layer=1, H=1, D=2):
         yield q_pos, k_pos, mask, k
 
 
-def test_sepcache_invariants_after_every_step():
-    a, s, w, c = 2, 3, 4, 14
-    g = torch.Generator().manual_seed(0)
-    stream = torch.randint(0, 8, (200,), generator=g).tolist()
-    cache = SepCache(1, SEP, a, s, w, c)
-    for n, (q_pos, k_pos, mask, k) in enumerate(feed(cache, stream)):
-        S = len(cache)
-        assert S <= c
-        assert torch.equal(k_pos, torch.arange(S)) and q_pos.tolist() == [S - 1]  # positions re-applied
-        pos = cache.stream_pos.tolist()
-        assert pos == sorted(pos) and k[0, 0, :, 0].tolist() == pos  # order preserved, keys follow their tokens
-        assert pos[:a] == list(range(min(a, n + 1))) and pos[-1] == n
-        assert mask.all()
-    # right after a compression the contents are exactly: initial + newest <= s separators + last w tokens
-    cache = SepCache(1, SEP, a, s, w, c)
-    sizes = [len(cache) for _ in feed(cache, stream)]
-    drops = [n for n in range(1, len(sizes)) if sizes[n] < sizes[n - 1]]
-    assert drops, "the cache never compressed"
-    n = drops[0]
-    cache = SepCache(1, SEP, a, s, w, c)
-    list(feed(cache, stream[:n]))
-    before_tokens = stream[:n]
-    cache.start(torch.tensor([[stream[n]]]))  # compresses, then appends token n
-    kept = cache.stream_pos.tolist()[:-1]
-    window = list(range(n - w, n))
-    seps = [p for p in range(a, n - w) if before_tokens[p] in SEP][-s:]
-    assert kept == list(range(a)) + seps + window
+def simulate(tokens, sep, a, s, w, c):
+    """The four-block rule written out, one token at a step: yields the kept stream positions after each step.
+    Blocks: initial (positions < a) | separator cache (<= s) | past window | local window (the last w entries)."""
+    initial, seps, recent = [], [], []                 # recent = past window followed by the local window
+    for p in range(len(tokens)):
+        if len(initial) + len(seps) + len(recent) + 1 > c:
+            past, local = recent[:max(len(recent) - w, 0)], recent[max(len(recent) - w, 0):]
+            seps = seps + [q for q in past if tokens[q] in sep]   # the past window's separators join, FIFO
+            seps = seps[max(len(seps) - s, 0):]                   # ... and only the newest s stay
+            recent = local
+        (initial if p < a else recent).append(p)
+        yield initial + seps + recent
 
 
-def test_sinkcache_keeps_initial_and_recent():
-    cache = SinkCache(1, n_init=2, capacity=6)
-    for n, _ in enumerate(feed(cache, list(range(20)))):
-        assert len(cache) <= 6
-    assert cache.stream_pos.tolist() == [0, 1, 16, 17, 18, 19]
+def sink_simulate(n, a, c):
+    """StreamingLLM written out: the first a tokens and the most recent c - a."""
+    for p in range(n):
+        yield [q for q in range(p + 1) if q < a or q > p - (c - a)]
+
+
+@pytest.mark.parametrize("a, s, w, c, n_sep_ids", [
+    (2, 3, 4, 14, 2),       # separators a quarter of the tokens: the separator cache fills and cycles
+    (4, 64, 16, 100, 1),    # s larger than the separators ever present (the paper's a=4, s=64 at small scale)
+    (3, 5, 3, 12, 1),       # s > separators per compression, so the FIFO fills over several compressions
+    (0, 2, 5, 9, 4),        # no initial tokens, separators half of the tokens
+    (1, 6, 2, 10, 0),       # no separator at all
+])
+def test_sepcache_contents_after_every_step_equal_the_simulator(a, s, w, c, n_sep_ids):
+    sep = list(range(1, 1 + n_sep_ids))
+    for seed in range(3):
+        stream = torch.randint(0, 8, (400,), generator=torch.Generator().manual_seed(seed)).tolist()
+        cache = SepCache(1, sep, a, s, w, c)
+        compressions = 0
+        for n, ((q_pos, k_pos, mask, k), expect) in enumerate(zip(feed(cache, stream), simulate(stream, sep, a, s,
+                                                                                                  w, c))):
+            pos = cache.stream_pos.tolist()
+            assert pos == expect, (seed, n)
+            assert k[0, 0, :, 0].tolist() == pos                              # keys follow their tokens
+            assert cache.ids.tolist() == [stream[p] for p in pos]
+            S = len(cache)
+            assert S <= c and torch.equal(k_pos, torch.arange(S)) and q_pos.tolist() == [S - 1] and mask.all()
+            compressions += n > 0 and S < prev
+            prev = S
+        assert compressions >= 5
+
+
+def test_sinkcache_contents_after_every_step_equal_the_simulator():
+    for a, c in ((2, 6), (4, 13), (0, 5)):
+        cache = SinkCache(1, n_init=a, capacity=c)
+        for n, (_, expect) in enumerate(zip(feed(cache, list(range(300))), sink_simulate(300, a, c))):
+            assert cache.stream_pos.tolist() == expect, (a, c, n)
 
 
 def test_sepcache_larger_than_sequence_equals_full_cache():
@@ -129,3 +146,26 @@ def test_streaming_10k_tokens_keeps_memory_bounded():
             model(torch.tensor([[t]]), cache=cache)
             largest = max(largest, len(cache), cache.k[0].shape[2])
     assert largest <= 40 and cache.seen == 10_000
+
+
+@pytest.mark.parametrize("kind", ["sepcache", "sink"])
+def test_stream_perplexity_equals_a_direct_computation(kind):
+    """eval_lm's streaming NLL against a forward of the kept tokens written out: with one layer a cached key
+    depends on its token only, so each step's logits equal a plain causal forward over the tokens the rule keeps
+    (positions 0..S-1 inside the cache, the new token last)."""
+    from eval_lm import stream_nll
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
+    stream = torch.randint(0, 8, (120,), generator=torch.Generator().manual_seed(5))
+    a, s, w, c = 2, 3, 4, 14
+    cache = SepCache(1, SEP, a, s, w, c) if kind == "sepcache" else SinkCache(1, a, c)
+    nll, kv, pred = stream_nll(model, stream, cache)
+    kept = simulate(stream.tolist(), SEP, a, s, w, c) if kind == "sepcache" else sink_simulate(len(stream), a, c)
+    expect = []
+    with torch.no_grad():
+        for t, pos in zip(range(len(stream) - 1), kept):
+            logits = model(stream[pos][None]).logits[0, -1]
+            expect.append(torch.nn.functional.cross_entropy(logits, stream[t + 1]).item())
+            assert kv[t] == len(pos) and pred[t] == logits.argmax()
+    torch.testing.assert_close(nll, torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert (kv == c).sum() > 20   # full many times: it evicted

@@ -233,3 +233,120 @@ def test_ideas_combine_in_one_run(data_dir):
     for bad in (["--probe_router=7"], ["--eval_mask=streaming", "--layer_windows=1,2"], ["--stream=disk"], []):
         r = run([f"--out_dir={out}", *bad], data_dir, script="eval_lm.py")
         assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, (bad, r.stderr)
+
+
+def test_sparse_window_must_be_positive_and_smaller_than_the_context(data_dir):
+    """--n_local=0 once trained full attention silently; a window covering the context is full attention too."""
+    for bad, says in ((["--attn_mask=sepllm", "--n_local=0"], "--n_local=0"),
+                      (["--attn_mask=streaming", "--n_local=0"], "--n_local=0"),
+                      (["--attn_mask=sepllm", "--n_local=16"], "--block_size="),    # SMALL has block_size=16
+                      (["--attn_mask=fixed", "--layer_windows=0,20", "--n_layer=2"], "--block_size="),
+                      (["--attn_mask=sepllm", "--layer_windows=0,0", "--n_layer=2"], "--attn_mask=full")):
+        r = run([f"--out_dir={data_dir / 'bad'}", *bad], data_dir)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, (bad, r.stderr)
+    out = data_dir / "ok"
+    r = run([f"--out_dir={out}", "--max_iters=1", "--eval_interval=1"], data_dir)
+    assert r.returncode == 0, r.stderr
+    for bad in (["--eval_mask=sepllm", "--n_local=0"], ["--eval_mask=streaming", "--n_local=16"],
+                ["--stream=sepcache", "--n_local=0", "--sep_size=2", "--cache_capacity=10"]):
+        r = run([f"--out_dir={out}", *bad], data_dir, script="eval_lm.py")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (bad, r.stderr)
+
+
+def test_kept_fraction_printed_and_stored(data_dir):
+    """The kept share of causal pairs, against a count written out over the first evaluation batch."""
+    out = data_dir / "sep"
+    r = run([f"--out_dir={out}", "--max_iters=1", "--eval_interval=1", "--attn_mask=sepllm", "--n_init=2",
+             "--n_local=3"], data_dir)
+    assert r.returncode == 0, r.stderr
+    got = json.load(open(out / "summary.json"))["kept_fraction"]
+    assert f"kept fraction {got:.3f}" in r.stdout
+    cfg = TrainConfig(data_dir=str(data_dir / "data"), cache_dir=str(data_dir / "cache"), block_size=16,
+                      batch_size=4)
+    data, tok = prepare_data(cfg)
+    from train_lm import get_batch
+    x = get_batch(data["val"], 4, 16, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    sep = {tok.stoi[c] for c in ".,?!;:\n \t" if c in tok.stoi}
+    kept = sum(j <= i and (j < 2 or int(x[b, j]) in sep or i - j < 3)
+               for b in range(4) for i in range(16) for j in range(16))
+    assert got == pytest.approx(kept / (4 * 16 * 17 / 2), rel=1e-9)
+    assert 0.2 < got < 0.9
+    r = run([f"--out_dir={data_dir / 'full'}", "--max_iters=1", "--eval_interval=1"], data_dir)
+    assert json.load(open(data_dir / "full" / "summary.json"))["kept_fraction"] == 1.0
+
+
+def test_init_from_starts_from_the_weights_with_a_fresh_schedule(data_dir):
+    """Post-training: the new run's first evaluation (before any step) equals the training-free evaluation of
+    the source checkpoint under the same mask; its schedule restarts at warm-up; another shape is refused."""
+    src, post = data_dir / "src", data_dir / "post"
+    r = run([f"--out_dir={src}", "--max_iters=10"], data_dir)
+    assert r.returncode == 0, r.stderr
+    sparse = ["--n_init=2", "--n_local=4"]
+    r = run([f"--out_dir={src}", "--eval_mask=sepllm", *sparse], data_dir, script="eval_lm.py")
+    assert r.returncode == 0, r.stderr
+    free = float(r.stdout.split("val loss ")[1].split(",")[0])
+    r = run([f"--out_dir={post}", f"--init_from={src / 'ckpt_best.pt'}", "--attn_mask=sepllm", *sparse,
+             "--max_iters=5", "--log_interval=1"], data_dir)
+    assert r.returncode == 0, r.stderr
+    first = float(r.stdout.split("eval iter 0: ")[1].split("val loss ")[1].split()[0].rstrip(","))
+    assert first == pytest.approx(free, abs=1e-4)
+    fresh = [json.loads(l) for l in open(post / "metrics.jsonl") if '"lr"' in l]
+    assert fresh[0]["iter"] == 1 and fresh[0]["lr"] == pytest.approx(1e-3 * 1 / 4)   # warm-up step 0 of 3
+    # the untrained model of the same seed starts elsewhere
+    r = run([f"--out_dir={data_dir / 'scratch'}", "--attn_mask=sepllm", *sparse, "--max_iters=1"], data_dir)
+    assert float(r.stdout.split("eval iter 0: ")[1].split("val loss ")[1].split()[0].rstrip(",")) > first + 0.2
+    r = run([f"--out_dir={data_dir / 'x'}", f"--init_from={src / 'ckpt_best.pt'}", "--n_embd=64"], data_dir)
+    assert r.returncode == 2 and "n_embd" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run([f"--out_dir={post}", f"--init_from={src / 'ckpt_best.pt'}", "--resume"], data_dir)
+    assert r.returncode == 2 and "pick one" in r.stderr
+
+
+def test_recall_episodes_answers_and_accuracy_against_a_loop():
+    from recall import RecallData, answer_accuracy
+    P, Q, K, V = 5, 3, 7, 6
+    data = RecallData(P, Q, K, V, seed=3, n_fixed=50)
+    x, y = data.batch(40, torch.Generator().manual_seed(0))
+    e = torch.cat([x, y[:, -1:]], 1)
+    chars = data.chars
+    d = data.answer_distance(x)
+    for b in range(40):
+        text = "".join(chars[t] for t in e[b].tolist())
+        segs, queries = text[:3 * P], text[3 * P:]
+        assert all(segs[3 * i + 2] == "." and segs[3 * i].isupper() and segs[3 * i + 1].islower() for i in range(P))
+        table = {segs[3 * i]: (segs[3 * i + 1], i) for i in range(P)}
+        assert len(table) == P                                           # distinct keys
+        asked = [queries[4 * j + 1] for j in range(Q)]
+        assert len(set(asked)) == Q
+        for j in range(Q):
+            assert queries[4 * j] == "#" and queries[4 * j + 3] == "."
+            value, seg = table[asked[j]]
+            assert queries[4 * j + 2] == value                           # the answer is the segment's value
+            pos = 3 * P + 4 * j + 1                                      # the query's key predicts the answer
+            assert data.answers()[j] == pos and chars[y[b, pos]] == value
+            assert d[b, j] == pos - (3 * seg + 2)                        # back to the segment's separator
+    # an oracle's logits score 1, a model that always says "." scores 0
+    oracle = torch.nn.functional.one_hot(y, len(chars)).float()
+    assert answer_accuracy(oracle, x, y, data)[0].all()
+    assert not answer_accuracy(torch.zeros_like(oracle), x, y, data)[0].any()
+    # answers-only targets, and a fixed validation set that does not depend on anything else
+    xa, ya = RecallData(P, Q, K, V, seed=3, n_fixed=50, answers_only=True).batch(40,
+                                                                               torch.Generator().manual_seed(0))
+    assert torch.equal(xa, x) and torch.equal(ya[:, data.answers()], y[:, data.answers()])
+    assert (ya >= 0).sum() == 40 * Q
+
+
+def test_recall_dataset_trains_and_reports_answer_accuracy(tmp_path):
+    out = tmp_path / "recall"
+    r = run([f"--out_dir={out}", "--dataset=recall", "--block_size=27", "--max_iters=4", "--attn_mask=sepllm",
+             "--n_init=1", "--n_local=4"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.load(open(out / "summary.json"))
+    assert 0 <= s["val_answer_acc"] <= 1 and s["val_answer_acc_by_distance"] and 0 < s["kept_fraction"] < 1
+    assert "val answer accuracy" in r.stdout
+    for mode, says in ((["--eval_mask=sepllm", "--n_init=1", "--n_local=4"], "kept fraction 0.537"),
+                       (["--stream=sepcache", "--n_init=1", "--sep_size=2", "--n_local=4", "--cache_capacity=10",
+                         "--stream_tokens=56"], "answer accuracy")):
+        r = run([f"--out_dir={out}", *mode], tmp_path, script="eval_lm.py")
+        assert r.returncode == 0 and says in r.stdout, (mode, r.stdout, r.stderr)
+    r = run([f"--out_dir={out}", "--dataset=recall", "--block_size=64"], tmp_path)
+    assert r.returncode == 2 and "--block_size=27" in r.stderr
