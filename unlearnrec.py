@@ -306,7 +306,7 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
         poisoned = np.concatenate([data.train, fixed])
         data_o = replace(data, train=poisoned[np.lexsort((poisoned[:, 1], poisoned[:, 0]))])
         print(f"adversarial: {len(fixed)} injected edges; training the poisoned model")
-        clean, base = (base, base_seconds), None
+        clean = (base, base_seconds)
         base, base_seconds = train_base(data_o, "poisoned")
         base.requires_grad_(False)
     elif fraction is None:

@@ -144,3 +144,26 @@ def test_unlearnrec_saved_model_is_the_encoders_output(data_dir):
         # an encoder reset to the identity (zero H0 and η) would have given the base's scores on Â_r instead
         Z_user, Z_item = model.propagate(A_r).split([data.n_users, data.n_items])
         assert abs((Z_user[req[:, 0]] * Z_item[req[:, 1]]).sum(-1).mean().item() - forgotten) > 0.2
+
+
+def test_mf_base_is_lightgcn_without_propagation_and_can_be_unlearned(data_dir):
+    import torch
+    sys.path.insert(0, ROOT)
+    from lightgcn import evaluate, load_lightgcn_dir
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    mf = data_dir / "mf"
+    assert run(data_dir, f"--out_dir={mf}", "--model=mf", "--epochs=2").returncode == 0
+    s = json.load(open(mf / "summary.json"))
+    assert s["config"]["model"] == "mf" and s["config"]["n_layers"] == 0
+    # scores are plain dot products of the layer-0 embeddings
+    data = load_lightgcn_dir(str(data_dir / "data" / "toy"), 0.1, 2020)
+    E0 = torch.load(mf / "ckpt_best.pt", weights_only=True)["model"]["E0"]
+    E_user, E_item = E0.split([data.n_users, data.n_items])
+    assert s["test"] == evaluate(E_user, E_item, data.test, [data.train, data.val])
+    r = run(data_dir, f"--out_dir={data_dir / 'ulmf'}", "--method=unlearnrec", f"--base={mf}/ckpt_best.pt",
+            "--forget=0.05", "--pre_epochs=1", "--finetune_epochs=1", "--enc_layers=2")
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(data_dir / "ulmf" / "summary.json"))["steps"][0]["rows"]
+    assert [x["model"] for x in rows] == ["base", "unlearnrec", "fine-tune-only", "retrained"]
+    # the retraining is an MF model too
+    assert torch.load(data_dir / "ulmf" / "retrained1" / "ckpt_best.pt", weights_only=True)["config"]["n_layers"] == 0

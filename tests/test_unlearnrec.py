@@ -359,7 +359,14 @@ def test_fine_tune_with_ssl_lowers_forgotten_scores_and_trains_only_the_correcto
     cfg.lambda_ssl, cfg.align_pairs = 1.0, 8
     E0 = model.E0.clone()
     before = (E_L[req[:, 0]] * E_L[NU + req[:, 1]]).sum(-1)
+    out = []
     for corrector in (InfluenceEncoder(NU + NI, 16, 2), FineTuneOnly(model.E0)):
         _, E0p, E = fine_tune(corrector, model, model.E0, E_L, req, data, train_r, False, simple_fit, cfg, "t", 30, 0)
         assert torch.all((E[req[:, 0]] * E[NU + req[:, 1]]).sum(-1) < before - 0.5)
         assert torch.equal(model.E0, E0)
+        out.append(E0p)
+    # the SSL term reaches the encoder's optimiser: without it the encoder ends elsewhere
+    cfg.lambda_ssl = 0.0
+    _, E0p, _ = fine_tune(InfluenceEncoder(NU + NI, 16, 2), model, model.E0, E_L, req, data, train_r, False,
+                          simple_fit, cfg, "t", 30, 0)
+    assert (E0p - out[0]).abs().max() > 1e-3
