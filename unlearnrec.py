@@ -21,9 +21,9 @@ the graph WITHOUT the request edges.
     Pre-training: random requests (a share of the training edges) redrawn every few epochs; fine-tuning: the
     real request set for a few epochs. Baselines: retraining from scratch without the request edges, and
     FINE-TUNE-ONLY: the base E0 itself fine-tuned with the same loss and epochs, no encoder.
-    Membership inference: AUC of telling the forgotten edges from the same users' held-out (validation and
-    test) interactions by their score. Both are real interactions the user chose, so a model that never
-    trained on the forgotten edges sits near 0.5; the base model sits above; unlearning aims at retraining's value.
+    Membership inference: AUC of telling a user's forgotten edges from their held-out (validation and test)
+    interactions by score, averaged over users. Both are real interactions the user chose, so a model that
+    never trained on the forgotten edges sits near 0.5; the base model above; unlearning aims at retraining's.
 
 Choices: the MLP is one identity-initialised linear layer (so H0 = 0, η = 0 give E0' = E0 exactly). The l = 0
 term of (1) puts H0 itself on EVERY node (the equation as written; h0_all=True): for a node the request does
@@ -215,10 +215,24 @@ def never_seen_pairs(n, known_pairs, n_users, n_items, rng):
     return np.stack([out // n_items, out % n_items], 1)
 
 
+def membership_auc(forgotten, s_forgotten, held_out, s_held_out):
+    """Per user, the AUC of telling their forgotten edges (members once) from their held-out interactions (never
+    members) by score; averaged over users, weighted by their forgotten edges (users without held-out items are
+    left out). Per user, because users' score scales differ: pooled over users, a user with more forgotten
+    edges than held-out ones would weigh on one side only."""
+    total = weight = 0.0
+    for u in np.unique(forgotten[:, 0]):
+        h = s_held_out[held_out[:, 0] == u]
+        if len(h):
+            f = s_forgotten[forgotten[:, 0] == u]
+            total, weight = total + len(f) * auc(f, h), weight + len(f)
+    return total / weight
+
+
 @torch.no_grad()
 def score_report(E_user, E_item, forgotten, held_out, negatives):
     """Scores of the forgotten edges, the same users' held-out interactions and random never-seen pairs (mean,
-    10/50/90 %), and the membership-inference AUC: forgotten (members once) vs held-out (never members)."""
+    10/50/90 %), and the membership-inference AUC (forgotten vs held-out, per user)."""
     def scores(p):
         p = torch.as_tensor(p)
         return (E_user[p[:, 0]] * E_item[p[:, 1]]).sum(-1).cpu().numpy()
@@ -226,7 +240,7 @@ def score_report(E_user, E_item, forgotten, held_out, negatives):
     for name, p in (("forgotten", forgotten), ("held_out", held_out), ("negatives", negatives)):
         s = scores(p)
         out[name] = {"mean": float(s.mean()), **{f"q{q}": float(np.quantile(s, q / 100)) for q in (10, 50, 90)}}
-    out["mia_auc"] = auc(scores(forgotten), scores(held_out))
+    out["mia_auc"] = membership_auc(forgotten, scores(forgotten), held_out, scores(held_out))
     return out
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from lightgcn import DataError, Graph, Interactions, LightGCN, bpr_loss, evaluate
 from unlearnrec import (FineTuneOnly, InfluenceEncoder, align_loss, auc, fine_tune, held_out_pairs, least_liked_items,
-                        never_seen_pairs, random_requests, read_requests, remove_edges, request_adjacency, score_report,
+                        membership_auc, never_seen_pairs, random_requests, read_requests, remove_edges, request_adjacency, score_report,
                         ssl_loss, unlearn_loss, unlearn_pipeline)
 
 EDGES = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3]])  # 4 users, 4 items
@@ -209,6 +209,18 @@ def test_membership_auc_is_half_for_a_model_that_never_saw_the_edges():
     # still tells them apart (the old definition of the test)
     assert auc([never["forgotten"]["mean"]], [never["negatives"]["mean"]]) == 1.0
     assert never["held_out"]["mean"] > never["negatives"]["mean"] + 0.5
+
+
+def test_membership_auc_compares_within_users():
+    # user 0 scores everything high, user 1 everything low; user 0 has most forgotten edges, user 1 most held-out
+    # ones: pooled over users the AUC would be high, within each user the two sets are alike
+    forgotten, s_f = np.array([[0, 1], [0, 2], [0, 3], [1, 1]]), np.array([9.0, 8.0, 7.0, 1.0])
+    held, s_h = np.array([[0, 4], [1, 2], [1, 3], [1, 4]]), np.array([8.0, 0.0, 1.0, 2.0])
+    assert auc(s_f, s_h) == 0.75
+    # user 0: 9, 8, 7 vs 8 -> (1 + ½ + 0) / 3;  user 1: 1 vs 0, 1, 2 -> (1 + ½ + 0) / 3;  weights 3 and 1
+    assert membership_auc(forgotten, s_f, held, s_h) == pytest.approx(0.5)
+    # a user without held-out interactions is left out
+    assert membership_auc(np.array([[0, 1], [2, 1]]), np.array([9.0, 0.0]), held[:1], s_h[:1]) == 1.0
 
 
 def test_held_out_pairs_are_the_request_users_val_and_test_items():
