@@ -37,8 +37,8 @@ TEXT_DATASETS = {  # LightGCN text format; where a copy can be found
     "amazon-book": "gusye1234/LightGCN-PyTorch data/amazon-book",
 }
 DATA_KEYS = ("dataset", "min_rating", "val_frac", "test_frac", "seed")
-BASE_KEYS = ("model", "dim", "n_layers", "combine", "self_loops", "graph_edges", "lr", "decay", "batch_size", "epochs",
-             "eval_every", "patience")                # what a retraining copies from the base model's run
+BASE_KEYS = ("model", "dim", "n_layers", "combine", "self_loops", "graph_edges", "lr", "decay", "batch_size",
+             "epochs", "eval_every", "patience")                # what a retraining copies from the base model's run
 MODEL_KEYS = DATA_KEYS + ("dim", "n_layers", "combine", "self_loops", "graph_edges", "method")
 
 
@@ -416,7 +416,7 @@ def main():
         raise UserError("--pre_frac must be in (0, 1), --redraw_every and --finetune_epochs >= 1, --pre_epochs >= 0")
     if cfg.sequence < 1 or cfg.enc_layers < 0:
         raise UserError("--sequence must be >= 1 and --enc_layers >= 0")
-    if cfg.sequence > 1 and (cfg.forget == "adversarial" or not cfg.forget.replace(".", "", 1).isdigit()):
+    if cfg.sequence > 1 and not cfg.forget.replace(".", "", 1).replace("e-", "", 1).isdigit():
         raise UserError(f"--sequence={cfg.sequence} needs --forget=<fraction>: a file or `adversarial` is one request")
     if cfg.model not in ("lightgcn", "mf"):
         raise UserError(f"unknown --model={cfg.model}; use lightgcn or mf")

@@ -28,15 +28,15 @@ the graph WITHOUT the request edges.
 Choices: the MLP is one identity-initialised linear layer (so H0 = 0, η = 0 give E0' = E0 exactly). The l = 0
 term of (1) puts H0 itself on EVERY node (the equation as written; h0_all=True): for a node the request does
 not reach, H0's gradient is then exactly E0's, so outside the request the encoder is a plain fine-tuning of E0
-(the fine-tune-only baseline measures what that buys). h0_all=False keeps l = 1..L only: Δ lives on the
-request's neighbourhood. The paper's text does not settle which; both are measured in the README. The encoder
-has its own depth L (default the base's), so a base without propagation (matrix factorisation) still gets a
-request-aware encoder. The SSL term's 95 % graph is drawn once per fine-tuning call, not per step; L_align uses
-at most `align_pairs` pairs of a batch. Sequential requests each start from the pre-trained encoder.
+(the fine-tune-only baseline measures what that buys). h0_all=False keeps l = 1..L only: H0 acts on the
+request's neighbourhood (the MLP's bias still shifts every node). The paper's text does not settle which; the
+README measures both. The encoder has its own depth L (enc_layers, 3 by default), so a base without propagation
+(matrix factorisation) still gets a request-aware encoder. The SSL term's 95 % graph is drawn once per
+fine-tuning call, not per step; L_align uses at most `align_pairs` pairs of a batch. Sequential requests each
+start from the pre-trained encoder.
 
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 --dataset=ml-1m --data_dir=DIR
 """
-import time
 from dataclasses import replace
 
 import numpy as np
