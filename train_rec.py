@@ -25,8 +25,7 @@ from common import (UserError, append_jsonl, check_same, download, fmt_seconds, 
 from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir, load_movielens_zip
 from lightgnn import (PrunableLightGCN, distill_loss, edge_scores, high_order, propagation_cost, prune_round,
                       two_hop_pairs)
-from unlearnrec import (InfluenceEncoder, align_loss, least_liked_items, never_seen_pairs, random_requests,
-                        read_requests, remove_edges, request_adjacency, score_report, unlearn_loss)
+from unlearnrec import unlearn_pipeline
 
 ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 ML_SMALL_SHA256 = "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436"
@@ -38,8 +37,8 @@ TEXT_DATASETS = {  # LightGCN text format; where a copy can be found
     "amazon-book": "gusye1234/LightGCN-PyTorch data/amazon-book",
 }
 DATA_KEYS = ("dataset", "min_rating", "val_frac", "test_frac", "seed")
-BASE_KEYS = ("dim", "n_layers", "combine", "self_loops", "graph_edges", "lr", "decay", "batch_size", "epochs",
-             "eval_every", "patience")                # what a retraining copies from the base model's run
+BASE_KEYS = ("model", "dim", "n_layers", "combine", "self_loops", "graph_edges", "lr", "decay", "batch_size",
+             "epochs", "eval_every", "patience")                # what a retraining copies from the base model's run
 MODEL_KEYS = DATA_KEYS + ("dim", "n_layers", "combine", "self_loops", "graph_edges", "method")
 
 
@@ -55,6 +54,7 @@ class RecConfig:
     test_frac: float = 0.2              # per-user test share when the data set has no test.txt (MovieLens zip)
     # model
     method: str = "lightgcn"
+    model: str = "lightgcn"             # lightgcn | mf (matrix factorisation + BPR: LightGCN with 0 layers)
     dim: int = 64
     n_layers: int = 3
     combine: str = "mean"               # mean (LightGCN) | sum (LightGNN, UnlearnRec)
@@ -82,20 +82,26 @@ class RecConfig:
     uni: float = 1.0                    # uniformity weight, temperature
     uni_tau: float = 1.0
     kd_nodes: int = 1024                # batch users / items in the embedding KD and uniformity (cost: × all nodes)
-    # unlearnrec (--method=unlearnrec): forget edges of a trained LightGCN
-    base: str = ""                      # the trained model (a train_rec lightgcn checkpoint)
+    # unlearnrec (--method=unlearnrec): forget edges of a trained LightGCN (or MF)
+    base: str = ""                      # the trained model (a train_rec lightgcn / mf checkpoint)
     forget: str = ""                    # file of `user item` lines | a fraction of training edges | adversarial
     encoder: str = ""                   # a pre-trained influence encoder to reuse (out_dir/encoder_pretrained.pt)
     pre_epochs: int = 10                # encoder pre-training on random requests
     pre_frac: float = 0.1               # size of a random request, as a share of the training edges
     redraw_every: int = 2               # epochs between random requests
-    finetune_epochs: int = 2            # on the real request
+    finetune_epochs: int = 2            # on the real request (UnlearnRec and fine-tune-only alike)
+    sequence: int = 1                   # --forget=<fraction>: this many requests, each from the last unlearned model
+    retrain: bool = True                # also retrain from scratch without the request edges (the reference)
     lambda_u: float = 1.0               # weight of L_u (push forgotten pairs down)
     lambda_a: float = 0.01              # weight of L_align (keep the rest)
     align_tau: float = 1.0
     align_pairs: int = 1024             # (user, positive) pairs of a batch in L_align
     eta0: float = 2e-3                  # initial withdraw rate η
     omega: float = 0.1                  # ω
+    enc_layers: int = 3                 # L of the encoder's propagation over Â_Δ
+    h0_all: bool = True                 # l = 0 term of Σ_l Â_Δ^l H0 on every node (false: request's neighbours)
+    lambda_ssl: float = 0.0             # weight of the optional SSL term (paper: 1e-3)
+    ssl_tau: float = 0.2
     # optimisation
     lr: float = 1e-3
     decay: float = 1e-4                 # L2 on the batch's layer-0 embeddings
@@ -339,124 +345,62 @@ def train_lightgnn_pipeline(cfg, data, device):
 
 
 def train_unlearnrec(cfg, data, device):
-    """UnlearnRec: forget --forget from the --base LightGCN with an influence encoder (unlearnrec.py), and
-    compare with the original model and with retraining from scratch without the request edges."""
+    """UnlearnRec: forget --forget from the --base model with the pipeline of unlearnrec.py (pre-training, requests,
+    fine-tuning, the fine-tune-only baseline) given this script's training loop, and compare with retraining
+    from scratch (the base run's own settings and stopping rule) without the request edges."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     base_ckpt = load_checkpoint(cfg.base, device)
     check_same(base_ckpt["config"], asdict(cfg), DATA_KEYS, cfg.base)
     b = base_ckpt["config"]
     base_cfg = replace(cfg, method="lightgcn", **{k: b[k] for k in BASE_KEYS if k in b})
-    rng = np.random.default_rng(cfg.seed)
     # an encoder is pre-trained for one original model: the base, or the model poisoned from it
     pretrained_on = cfg.base + (" (poisoned)" if cfg.forget == "adversarial" else "")
+    encoder_state = None
     if cfg.encoder:
         encoder_ckpt = load_checkpoint(cfg.encoder, device)
         check_same(encoder_ckpt, {"pretrained_on": pretrained_on}, ("pretrained_on",), cfg.encoder)
+        encoder_state = encoder_ckpt["model"]
+    base = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
+    base.load_state_dict(base_ckpt["model"])
 
-    def load_base():
-        model = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
-        model.load_state_dict(base_ckpt["model"])
-        return model
+    def fit_in(data_i, model, loss_fn, embed, name, epochs, seed):
+        return fit(replace(cfg, seed=seed, eval_every=epochs), data_i, model, loss_fn, embed,
+                   os.path.join(cfg.out_dir, name), epochs)
 
-    def adjacency(train):
-        return Graph(data.n_users, data.n_items, train, base_cfg.self_loops).normalized().to(device)
+    def train_base(data_i, name):
+        model, _, state = train_lightgcn(base_cfg, data_i, device, os.path.join(cfg.out_dir, name))
+        return model, state["train_seconds"]
 
-    if cfg.forget == "adversarial":
-        # poison: for half the users, an edge to the item the clean model likes least, then train on it
-        clean = load_base()
-        with torch.no_grad():
-            C_user, C_item = clean(adjacency(data.train))
-        users = np.sort(rng.choice(data.n_users, data.n_users // 2, replace=False))
-        requests = least_liked_items(C_user, C_item, users, [data.train, data.val, data.test])
-        poisoned = np.concatenate([data.train, requests])
-        data_o = replace(data, train=poisoned[np.lexsort((poisoned[:, 1], poisoned[:, 0]))])
-        print(f"adversarial: {len(requests)} injected edges; training the poisoned model")
-        base, _, _ = train_lightgcn(base_cfg, data_o, device, os.path.join(cfg.out_dir, "poisoned"))
-    else:
-        data_o, base = data, load_base()
-        try:
-            fraction = float(cfg.forget)
-        except ValueError:
-            fraction = None
-        if fraction is not None:
-            if not 0 < fraction < 1:
-                raise UserError(f"--forget={cfg.forget}: a fraction of the training edges must be in (0, 1)")
-            requests = random_requests(data.train, fraction, rng)
-        else:
-            try:
-                requests = read_requests(cfg.forget, data.train, data.n_users, data.n_items)
-            except DataError as e:
-                raise UserError(str(e)) from None
-    base.requires_grad_(False)
-    data_r = replace(data, train=remove_edges(data_o.train, requests))
-    print(f"unlearning {len(requests)} of {len(data_o.train)} training edges")
-    with torch.no_grad():
-        O_all = base.propagate(adjacency(data_o.train))                  # E_L of the original model
-    O_user, O_item = O_all.split([data.n_users, data.n_items])
-    encoder = InfluenceEncoder(data.n_users + data.n_items, base_cfg.dim, base_cfg.n_layers, cfg.eta0,
-                               cfg.omega).to(device)
+    def report_rows(data_i, E_user, E_item):
+        val, test = report(cfg, data_i, E_user, E_item)
+        return {"val": val, "test": test}
 
-    def unlearn(req, train_r, out_dir, epochs, seed):
-        """Train the encoder to forget `req`, batches drawn from the remaining edges `train_r`."""
-        A_delta, A_r = request_adjacency(req, data.n_users, data.n_items).to(device), adjacency(train_r)
-        req_t = torch.from_numpy(req).to(device)
-
-        def embed():
-            return base.propagate(A_r, encoder(A_delta, base.E0, O_all)).split([data.n_users, data.n_items])
-
-        def loss_fn(u, i, j):
-            E0p = encoder(A_delta, base.E0, O_all)
-            E_user, E_item = base.propagate(A_r, E0p).split([data.n_users, data.n_items])
-            bpr, l2 = bpr_loss(E_user, E_item, *E0p.split([data.n_users, data.n_items]), u, i, j, cfg.decay)
-            m = cfg.align_pairs
-            return (bpr + l2 + cfg.lambda_u * unlearn_loss(E_user, E_item, req_t)
-                    + cfg.lambda_a * align_loss(E_user, E_item, O_user, O_item, u[:m], i[:m], cfg.align_tau))
-
-        run_cfg = replace(cfg, seed=seed, eval_every=epochs)
-        state = fit(run_cfg, replace(data, train=train_r), encoder, loss_fn, embed, out_dir, epochs)
-        return state, embed
-
-    if cfg.encoder:
-        encoder.load_state_dict(encoder_ckpt["model"])
-    else:
-        t0 = time.time()
-        for period in range(0, cfg.pre_epochs, cfg.redraw_every):
-            req = random_requests(data_o.train, cfg.pre_frac, rng)
-            print(f"pre-training: random request of {len(req)} edges, epochs {period + 1}..")
-            unlearn(req, remove_edges(data_o.train, req), os.path.join(cfg.out_dir, "pretrain"),
-                    min(cfg.redraw_every, cfg.pre_epochs - period), cfg.seed + 1 + period)
-        save_atomic({"model": encoder.state_dict(), "pretrained_on": pretrained_on, "config": asdict(cfg)},
+    try:
+        out = unlearn_pipeline(cfg, data, base, base_ckpt["state"]["train_seconds"], base_cfg.self_loops, fit_in,
+                               train_base, report_rows, encoder_state)
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if not cfg.encoder:
+        save_atomic({"model": out["encoder_pretrained"], "pretrained_on": pretrained_on, "config": asdict(cfg)},
                     os.path.join(cfg.out_dir, "encoder_pretrained.pt"))
-        print(f"pre-training done in {fmt_seconds(time.time() - t0)}")
-    state, embed = unlearn(requests, data_r.train, os.path.join(cfg.out_dir, "finetune"), cfg.finetune_epochs,
-                           cfg.seed)
-    unlearn_seconds = state["train_seconds"]
-    with torch.no_grad():
-        U_user, U_item = embed()
-    save_atomic({"encoder": encoder.state_dict(), "E_user": U_user, "E_item": U_item,
-                 "requests": torch.from_numpy(requests), "config": asdict(cfg)},
+    U_user, U_item = out["unlearned"].split([data.n_users, data.n_items])
+    save_atomic({"encoder": out["encoder"], "E_user": U_user, "E_item": U_item,
+                 "requests": torch.from_numpy(out["requests"]), "config": asdict(cfg)},
                 os.path.join(cfg.out_dir, "unlearned.pt"))
-    print("retraining from scratch without the request edges")
-    retrained, A_rr, state = train_lightgcn(base_cfg, data_r, device, os.path.join(cfg.out_dir, "retrained"))
-    retrain_seconds = state["train_seconds"]
-    with torch.no_grad():
-        R_user, R_item = retrained(A_rr)
-
-    positives = data_r.train[rng.choice(len(data_r.train), min(len(data_r.train), 20000), replace=False)]
-    unseen = never_seen_pairs(len(requests), [data_o.train, data.val, data.test], data.n_users, data.n_items, rng)
-    rows = {}
-    for name, (Eu, Ei) in (("original", (O_user, O_item)), ("unlearned", (U_user, U_item)),
-                           ("retrained", (R_user, R_item))):
-        val, test = report(cfg, data_r, Eu, Ei)
-        rows[name] = {"val": val, "test": test, **score_report(Eu, Ei, requests, positives, unseen)}
-        print(f"== {name:9s} | {metrics_line(val, test)} | forgotten {rows[name]['forgotten']['mean']:.3f} "
-              f"positives {rows[name]['positives']['mean']:.3f} unseen {rows[name]['unseen']['mean']:.3f} "
-              f"| MIA AUC {rows[name]['mia_auc']:.3f}")
-    speedup = retrain_seconds / unlearn_seconds
-    print(f"unlearning {fmt_seconds(unlearn_seconds)} vs retraining {fmt_seconds(retrain_seconds)}: {speedup:.1f}x")
+    # time: fine-tuning alone, and with the pre-training shared by the sequence of requests
+    K, pre = cfg.sequence, out["pretrain_seconds"]
+    total = {name: sum(r["seconds"] for s in out["steps"] for r in s["rows"] if r["model"] == name)
+             for name in ("unlearnrec", "fine-tune-only", "retrained")}
+    times = {"pretrain_seconds": pre, "per_request": {n: t / K for n, t in total.items()},
+             "unlearnrec_amortised": (pre + total["unlearnrec"]) / K}
+    if cfg.retrain:
+        times["speedup_finetune"] = total["retrained"] / total["unlearnrec"]
+        times["speedup_amortised"] = total["retrained"] / (pre + total["unlearnrec"])
+        print(f"{K} request(s): retraining {fmt_seconds(total['retrained'])} vs UnlearnRec "
+              f"{fmt_seconds(total['unlearnrec'])} fine-tuning ({times['speedup_finetune']:.1f}x), "
+              f"{fmt_seconds(pre + total['unlearnrec'])} with pre-training ({times['speedup_amortised']:.1f}x)")
     write_json(os.path.join(cfg.out_dir, "summary.json"),
-               {"requests": len(requests), "unlearn_seconds": unlearn_seconds, "retrain_seconds": retrain_seconds,
-                "speedup": speedup, "models": rows, "config": asdict(cfg)})
+               {"steps": out["steps"], "times": times, "config": asdict(cfg)})
 
 
 def main():
@@ -470,6 +414,14 @@ def main():
                         "--forget=<file of `user item` lines>|<fraction of training edges>|adversarial")
     if not 0 < cfg.pre_frac < 1 or cfg.redraw_every < 1 or cfg.finetune_epochs < 1 or cfg.pre_epochs < 0:
         raise UserError("--pre_frac must be in (0, 1), --redraw_every and --finetune_epochs >= 1, --pre_epochs >= 0")
+    if cfg.sequence < 1 or cfg.enc_layers < 0:
+        raise UserError("--sequence must be >= 1 and --enc_layers >= 0")
+    if cfg.sequence > 1 and not cfg.forget.replace(".", "", 1).replace("e-", "", 1).isdigit():
+        raise UserError(f"--sequence={cfg.sequence} needs --forget=<fraction>: a file or `adversarial` is one request")
+    if cfg.model not in ("lightgcn", "mf"):
+        raise UserError(f"unknown --model={cfg.model}; use lightgcn or mf")
+    if cfg.model == "mf":
+        cfg = replace(cfg, n_layers=0)              # matrix factorisation = LightGCN without propagation
     if not (0 <= cfg.rho < 1 and 0 <= cfg.rho_emb < 1) or cfg.rounds < 0 or cfg.mid_topk < 0:
         raise UserError("--rho and --rho_emb must be in [0, 1), --rounds and --mid_topk >= 0")
     if cfg.combine not in ("mean", "sum"):

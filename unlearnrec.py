@@ -5,33 +5,46 @@ A user asks a recommender to forget some interactions. Retraining without them i
 training; UnlearnRec instead learns an Influence Encoder that maps an unlearning request to a correction of
 the base model's layer-0 embeddings. It sees the request edges only (their own normalised adjacency Â_Δ) and
 the base model's final embeddings, and is pre-trained once on many random requests; a real request then
-needs only a short fine-tuning. The corrected embeddings are propagated by the unchanged base LightGCN over
+needs only a short fine-tuning. The corrected embeddings are propagated by the unchanged base model over
 the graph WITHOUT the request edges.
 
     Â_Δ  = norm(A_Δ)            the request edges only;   Â_r = norm(A − A_Δ) (base's self-loop choice kept)
     (1) H    = Σ_{l=0..L} Â_Δ^l H0                         H0 ∈ R^{N×d}, init 0
     (2) W    = Â_Δ^L (E_L ⊙ η)                             η ∈ R^N, per-node withdraw rate
     (3) Δ    = MLP(−ω·W + H)                               MLP identity-initialised, ω ≈ 0.1
-    (4) E0'  = E0 + Δ;   E' = LightGCN_{Â_r}(E0')          the base's E0 is never changed
+    (4) E0'  = E0 + Δ;   E' = Base_{Â_r}(E0')              the base's E0 is never changed
     (5) L_u     = −mean_{(u,v)∈E_Δ} log σ(−ŷ'_uv)                        push the forgotten pairs down
     (6) L_align = mean_b ‖log softmax_c(S'_bc / τ) − log softmax_c(S_bc / τ)‖²,  S_bc = e_{u_b} · e_{i_c}
                   over the batch's (user, positive) pairs; S from the original model  (keep everything else)
-    L = L_BPR + L2 (on the remaining edges, from E0') + λ_u L_u + λ_a L_align
+    (7) L_ssl   = InfoNCE between the codes −ω·W + H on Â_Δ and on Â_Δ with 95 % of its edges (optional)
+    L = L_BPR + L2 (on the remaining edges, from E0') + λ_u L_u + λ_a L_align + λ_ssl L_ssl
     Pre-training: random requests (a share of the training edges) redrawn every few epochs; fine-tuning: the
-    real request set for a few epochs; evaluation: against retraining from scratch without the request edges.
-    Membership inference: AUC of telling forgotten edges from never-seen pairs by their score (0.5 = forgotten).
+    real request set for a few epochs. Baselines: retraining from scratch without the request edges, and
+    FINE-TUNE-ONLY: the base E0 itself fine-tuned with the same loss and epochs, no encoder.
+    Membership inference: AUC of telling a user's forgotten edges from their held-out (validation and test)
+    interactions by score, averaged over users. Both are real interactions the user chose, so a model that
+    never trained on the forgotten edges sits near 0.5; the base model above; unlearning aims at retraining's.
 
-Choices (the notes leave them open): the MLP is one identity-initialised linear layer (so H0 = 0, η = 0 give
-E0' = E0 exactly); the optional SSL term is left out; L_align uses at most `max_pairs` pairs of a batch.
+Choices: the MLP is one identity-initialised linear layer (so H0 = 0, η = 0 give E0' = E0 exactly). The l = 0
+term of (1) puts H0 itself on EVERY node (the equation as written; h0_all=True): for a node the request does
+not reach, H0's gradient is then exactly E0's, so outside the request the encoder is a plain fine-tuning of E0
+(the fine-tune-only baseline measures what that buys). h0_all=False keeps l = 1..L only: H0 acts on the
+request's neighbourhood (the MLP's bias still shifts every node). The paper's text does not settle which; the
+README measures both. The encoder has its own depth L (enc_layers, 3 by default), so a base without propagation
+(matrix factorisation) still gets a request-aware encoder. The SSL term's 95 % graph is drawn once per
+fine-tuning call, not per step; L_align uses at most `align_pairs` pairs of a batch. Sequential requests each
+start from the pre-trained encoder.
 
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 --dataset=ml-1m --data_dir=DIR
 """
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightgcn import DataError, Graph
+from lightgcn import DataError, Graph, bpr_loss
 
 
 # ----------------------------------------------------------------------------- requests
@@ -92,14 +105,31 @@ def request_adjacency(requests, n_users, n_items):
     return Graph(n_users, n_items, requests).normalized()
 
 
+def forget_fraction(forget):
+    """--forget as a fraction of the training edges in (0, 1), or None for `adversarial` or a file of pairs."""
+    try:
+        fraction = float(forget)
+    except ValueError:
+        return None
+    if not 0 < fraction < 1:
+        raise DataError(f"--forget={forget}: a fraction of the training edges must be in (0, 1)")
+    return fraction
+
+
+def held_out_pairs(requests, held_out):
+    """The held-out interactions (validation, test) of the users that appear in `requests`: the non-members."""
+    pairs = np.concatenate(held_out)
+    return pairs[np.isin(pairs[:, 0], requests[:, 0])]
+
+
 # ----------------------------------------------------------------------------- encoder
 
 class InfluenceEncoder(nn.Module):
     """Maps a request (Â_Δ) and the base model's final embeddings E_L to a correction Δ of its E0."""
 
-    def __init__(self, n_nodes, dim, n_layers, eta0=2e-3, omega=0.1):
+    def __init__(self, n_nodes, dim, n_layers, eta0=2e-3, omega=0.1, h0_all=True):
         super().__init__()
-        self.n_layers, self.omega = n_layers, omega
+        self.n_layers, self.omega, self.h0_all = n_layers, omega, h0_all
         self.H0 = nn.Parameter(torch.zeros(n_nodes, dim))
         self.eta = nn.Parameter(torch.full((n_nodes, 1), eta0))
         self.mlp = nn.Linear(dim, dim)
@@ -107,20 +137,35 @@ class InfluenceEncoder(nn.Module):
             self.mlp.weight.copy_(torch.eye(dim))
             self.mlp.bias.zero_()
 
-    def forward(self, A_delta, E0, E_L):
-        H, P = self.H0, self.H0
+    def code(self, A_delta, E_L):
+        """−ω·W + H, the MLP's input (N, d): what the SSL term compares across two views of Â_Δ."""
+        P = self.H0
+        # (1) H = Σ_{l=0..L} Â_Δ^l H0   (h0_all=False: l = 1..L, only the request's neighbourhood)
+        H = P if self.h0_all else torch.zeros_like(P)
         for _ in range(self.n_layers):
             P = A_delta @ P
-            # (1) H = Σ_{l=0..L} Â_Δ^l H0
             H = H + P
         # (2) W = Â_Δ^L (E_L ⊙ η)
         W = E_L * self.eta
         for _ in range(self.n_layers):
             W = A_delta @ W
-        # (3) Δ = MLP(−ω·W + H)
-        delta = self.mlp(-self.omega * W + H)
-        # (4) E0' = E0 + Δ
-        return E0 + delta
+        return -self.omega * W + H
+
+    def forward(self, A_delta, E0, E_L):
+        # (3) Δ = MLP(−ω·W + H);   (4) E0' = E0 + Δ
+        return E0 + self.mlp(self.code(A_delta, E_L))
+
+
+class FineTuneOnly(nn.Module):
+    """The baseline without an encoder: E0' starts as a copy of the base's E0 and is itself fine-tuned with the
+    same loss; the request enters only through the loss (L_u) and the graph Â_r."""
+
+    def __init__(self, E0):
+        super().__init__()
+        self.E0p = nn.Parameter(E0.detach().clone())
+
+    def forward(self, A_delta, E0, E_L):
+        return self.E0p
 
 
 # ----------------------------------------------------------------------------- losses
@@ -136,6 +181,12 @@ def align_loss(E_user, E_item, O_user, O_item, u, i, tau):
     new = F.log_softmax(E_user[u] @ E_item[i].T / tau, dim=1)            # (B, B)
     old = F.log_softmax(O_user[u] @ O_item[i].T / tau, dim=1)
     return (new - old).pow(2).sum(1).mean()
+
+
+def ssl_loss(Z1, Z2, tau):
+    """(7) InfoNCE: row b of Z1 should be closer (cosine / τ) to row b of Z2 than to any other row of Z2."""
+    Z1, Z2 = F.normalize(Z1, dim=1), F.normalize(Z2, dim=1)
+    return F.cross_entropy(Z1 @ Z2.T / tau, torch.arange(len(Z1), device=Z1.device))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -164,16 +215,162 @@ def never_seen_pairs(n, known_pairs, n_users, n_items, rng):
     return np.stack([out // n_items, out % n_items], 1)
 
 
+def membership_auc(forgotten, s_forgotten, held_out, s_held_out):
+    """Per user, the AUC of telling their forgotten edges (members once) from their held-out interactions (never
+    members) by score; averaged over users, weighted by their forgotten edges (users without held-out items are
+    left out). Per user, because users' score scales differ: pooled over users, a user with more forgotten
+    edges than held-out ones would weigh on one side only."""
+    total = weight = 0.0
+    for u in np.unique(forgotten[:, 0]):
+        h = s_held_out[held_out[:, 0] == u]
+        if len(h):
+            f = s_forgotten[forgotten[:, 0] == u]
+            total, weight = total + len(f) * auc(f, h), weight + len(f)
+    return total / weight
+
+
 @torch.no_grad()
-def score_report(E_user, E_item, forgotten, positives, unseen):
-    """Scores of forgotten edges, remaining training positives and never-seen pairs (mean, 10/50/90 %), and the
-    membership-inference AUC of forgotten vs never-seen."""
+def score_report(E_user, E_item, forgotten, held_out, negatives):
+    """Scores of the forgotten edges, the same users' held-out interactions and random never-seen pairs (mean,
+    10/50/90 %), and the membership-inference AUC (forgotten vs held-out, per user)."""
     def scores(p):
         p = torch.as_tensor(p)
         return (E_user[p[:, 0]] * E_item[p[:, 1]]).sum(-1).cpu().numpy()
     out = {}
-    for name, p in (("forgotten", forgotten), ("positives", positives), ("unseen", unseen)):
+    for name, p in (("forgotten", forgotten), ("held_out", held_out), ("negatives", negatives)):
         s = scores(p)
         out[name] = {"mean": float(s.mean()), **{f"q{q}": float(np.quantile(s, q / 100)) for q in (10, 50, 90)}}
-    out["mia_auc"] = auc(scores(forgotten), scores(unseen))
+    out["mia_auc"] = membership_auc(forgotten, scores(forgotten), held_out, scores(held_out))
     return out
+
+
+# ----------------------------------------------------------------------------- pipeline (training loop passed in)
+
+def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit, cfg, name, epochs, seed):
+    """Train `corrector` (InfluenceEncoder or FineTuneOnly) to forget `requests` from the model whose layer-0 /
+    final embeddings are E0 / E_L, with batches from the remaining edges train_r, through
+    fit(data, model, loss_fn, embed, name, epochs, seed) -> state. Returns (seconds, E0', E'), detached."""
+    nu, ni, dev = data.n_users, data.n_items, E0.device
+    A_delta = request_adjacency(requests, nu, ni).to(dev)
+    A_r = Graph(nu, ni, train_r, self_loops).normalized().to(dev)
+    O_user, O_item = E_L.split([nu, ni])
+    req_t = torch.from_numpy(requests).to(dev)
+    rng = np.random.default_rng(seed)
+    use_ssl = cfg.lambda_ssl > 0 and isinstance(corrector, InfluenceEncoder)
+    if use_ssl:
+        A_kept = request_adjacency(requests[rng.random(len(requests)) < 0.95], nu, ni).to(dev)
+        nodes = torch.from_numpy(np.unique(np.concatenate([requests[:, 0], nu + requests[:, 1]]))).to(dev)
+        gen = torch.Generator().manual_seed(seed)
+
+    def embed():
+        return base.propagate(A_r, corrector(A_delta, E0, E_L)).split([nu, ni])
+
+    def loss_fn(u, i, j):
+        E0p = corrector(A_delta, E0, E_L)
+        E_user, E_item = base.propagate(A_r, E0p).split([nu, ni])
+        bpr, l2 = bpr_loss(E_user, E_item, *E0p.split([nu, ni]), u, i, j, cfg.decay)
+        m = cfg.align_pairs
+        loss = (bpr + l2 + cfg.lambda_u * unlearn_loss(E_user, E_item, req_t)
+                + cfg.lambda_a * align_loss(E_user, E_item, O_user, O_item, u[:m], i[:m], cfg.align_tau))
+        if use_ssl:
+            b = nodes[torch.randperm(len(nodes), generator=gen)[:cfg.align_pairs].to(dev)]
+            loss = loss + cfg.lambda_ssl * ssl_loss(corrector.code(A_delta, E_L)[b], corrector.code(A_kept, E_L)[b],
+                                                    cfg.ssl_tau)
+        return loss
+
+    state = fit(replace(data, train=train_r), corrector, loss_fn, embed, name, epochs, seed)
+    with torch.no_grad():
+        E0p = corrector(A_delta, E0, E_L)
+        return state["train_seconds"], E0p, base.propagate(A_r, E0p)
+
+
+def pretrain(encoder, base, E0, E_L, data, self_loops, fit, cfg, rng):
+    """Pre-train the encoder on random requests (pre_frac of the training edges, redrawn every redraw_every
+    epochs). Returns the training seconds."""
+    seconds = 0.0
+    for period in range(0, cfg.pre_epochs, cfg.redraw_every):
+        req = random_requests(data.train, cfg.pre_frac, rng)
+        print(f"pre-training: random request of {len(req)} edges, epochs {period + 1}..")
+        seconds += fine_tune(encoder, base, E0, E_L, req, data, remove_edges(data.train, req), self_loops, fit, cfg,
+                             "pretrain", min(cfg.redraw_every, cfg.pre_epochs - period), int(rng.integers(2 ** 31)))[0]
+    return seconds
+
+
+def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base, report, encoder_state=None):
+    """Forget cfg.forget (a fraction, `adversarial`, or a file of pairs; cfg.sequence fractions one after the
+    other, each from the previously unlearned model) from the trained `base` (a LightGCN, any depth), with
+    UnlearnRec, with fine-tune-only, and (cfg.retrain) by retraining.
+    fit: the training loop (see fine_tune); train_base(data, name) -> (model, seconds) trains a base model with
+    the base's settings; report(data, E_user, E_item) -> metrics; encoder_state: a pre-trained encoder to reuse.
+    Returns a dict: per-step rows, times, the pre-trained encoder and the last unlearned embeddings."""
+    rng_req, rng_pre, rng_eval = (np.random.default_rng([cfg.seed, k]) for k in range(3))   # one per purpose
+    nu, ni = data.n_users, data.n_items
+    base.requires_grad_(False)
+    dev = base.E0.device
+
+    def final(E0, train):
+        with torch.no_grad():
+            return base.propagate(Graph(nu, ni, train, self_loops).normalized().to(dev), E0)
+
+    clean, data_o, fraction = None, data, forget_fraction(cfg.forget)
+    if cfg.forget == "adversarial":
+        # poison: for half the users, an edge to the item the clean model likes least, then train on it
+        users = np.sort(rng_req.choice(nu, nu // 2, replace=False))
+        fixed = least_liked_items(*final(base.E0, data.train).split([nu, ni]), users, [data.train, data.val, data.test])
+        poisoned = np.concatenate([data.train, fixed])
+        data_o = replace(data, train=poisoned[np.lexsort((poisoned[:, 1], poisoned[:, 0]))])
+        print(f"adversarial: {len(fixed)} injected edges; training the poisoned model")
+        clean = (base, base_seconds)
+        base, base_seconds = train_base(data_o, "poisoned")
+        base.requires_grad_(False)
+    elif fraction is None:
+        fixed = read_requests(cfg.forget, data.train, nu, ni)
+    E0, E_L = base.E0.detach(), final(base.E0, data_o.train)
+    encoder = InfluenceEncoder(nu + ni, E0.shape[1], cfg.enc_layers, cfg.eta0, cfg.omega, cfg.h0_all).to(dev)
+    if encoder_state is not None:
+        encoder.load_state_dict(encoder_state)
+        pre_seconds = 0.0
+    else:
+        pre_seconds = pretrain(encoder, base, E0, E_L, data_o, self_loops, fit, cfg, rng_pre)
+    pretrained = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    def row(name, data_r, E_all, seconds, requests):
+        E_user, E_item = E_all.split([nu, ni])
+        held = held_out_pairs(requests, [data.val, data.test])
+        negatives = never_seen_pairs(len(requests), [data_o.train, data.val, data.test], nu, ni, rng_eval)
+        r = {"model": name, **report(data_r, E_user, E_item), "seconds": seconds,
+             **score_report(E_user, E_item, requests, held, negatives)}
+        print(f"== {name:14s} | test " + " ".join(f"{k} {v:.4f}" for k, v in r["test"].items())
+              + f" | forgotten {r['forgotten']['mean']:.3f} held-out {r['held_out']['mean']:.3f} "
+              f"negatives {r['negatives']['mean']:.3f} "
+              f"| MIA AUC {r['mia_auc']:.3f} | {seconds:.1f} s")
+        return r
+
+    chains = {"unlearnrec": (E0, E_L), "fine-tune-only": (E0, E_L)}
+    train, steps = data_o.train, []
+    for k in range(cfg.sequence):
+        requests = fixed if fraction is None else random_requests(train, fraction, rng_req)
+        train_r = remove_edges(train, requests)
+        data_r = replace(data, train=train_r)
+        print(f"request {k + 1}/{cfg.sequence}: unlearning {len(requests)} of {len(train)} training edges")
+        rows = [row("base", data_r, E_L, base_seconds, requests)] if k == 0 else []
+        for name, (E0_k, E_L_k) in chains.items():
+            if name == "unlearnrec":
+                encoder.load_state_dict(pretrained)
+                corrector = encoder
+            else:
+                corrector = FineTuneOnly(E0_k)
+            seconds, E0p, E = fine_tune(corrector, base, E0_k, E_L_k, requests, data, train_r, self_loops, fit, cfg,
+                                        f"{name}{k + 1}", cfg.finetune_epochs, int(rng_pre.integers(2 ** 31)))
+            chains[name] = (E0p, E)
+            rows.append(row(name, data_r, E, seconds, requests))
+        if clean is not None and np.array_equal(train_r, data.train):
+            # the retrained model IS the clean base: same data, settings and seed
+            rows.append(row("retrained", data_r, final(clean[0].E0, data.train), clean[1], requests))
+        elif cfg.retrain:
+            model, seconds = train_base(data_r, f"retrained{k + 1}")
+            rows.append(row("retrained", data_r, final(model.E0, train_r), seconds, requests))
+        steps.append({"requests": len(requests), "rows": rows})
+        train = train_r
+    return {"pretrain_seconds": pre_seconds, "steps": steps, "encoder_pretrained": pretrained,
+            "encoder": encoder.state_dict(), "unlearned": chains["unlearnrec"][1], "requests": requests}

@@ -85,18 +85,85 @@ def test_unlearnrec_pipeline_and_its_errors(data_dir):
             "--epochs=2", "--pre_epochs=2", "--redraw_every=1", "--finetune_epochs=1")
     assert r.returncode == 0, r.stderr
     s = json.load(open(out / "summary.json"))
-    assert s["requests"] == round(0.1 * (40 * 25 - 40 * 2))
-    assert set(s["models"]) == {"original", "unlearned", "retrained"}
-    assert 0 <= s["models"]["unlearned"]["mia_auc"] <= 1 and s["speedup"] > 0
+    assert s["steps"][0]["requests"] == round(0.1 * (40 * 25 - 40 * 2))
+    rows = {r["model"]: r for r in s["steps"][0]["rows"]}
+    assert list(rows) == ["base", "unlearnrec", "fine-tune-only", "retrained"]
+    assert 0 <= rows["unlearnrec"]["mia_auc"] <= 1 and s["times"]["speedup_amortised"] > 0
     r = run(data_dir, f"--out_dir={data_dir / 'adv'}", "--method=unlearnrec", f"--base={base}/ckpt_best.pt",
             "--forget=adversarial", "--epochs=2", "--pre_epochs=1", "--finetune_epochs=1")
     assert r.returncode == 0, r.stderr
-    assert json.load(open(data_dir / "adv" / "summary.json"))["requests"] == 40 // 2     # one edge, half the users
+    s = json.load(open(data_dir / "adv" / "summary.json"))
+    assert s["steps"][0]["requests"] == 40 // 2                                     # one edge, half the users
+    rows = {r["model"]: r for r in s["steps"][0]["rows"]}
+    # removing the injected edges gives back the clean data: the "retrained" model is the clean base itself
+    assert not os.path.exists(data_dir / "adv" / "retrained1")
+    clean = json.load(open(base / "summary.json"))
+    assert rows["retrained"]["test"] == clean["test"]
     (data_dir / "bad.txt").write_text("0 1\n99 1\n")
     for args, msg in (([f"--forget={data_dir / 'bad.txt'}"], "bad.txt:2: unknown user 99"),
                       (["--forget=adversarial", f"--encoder={out}/encoder_pretrained.pt"], "another config"),
                       (["--forget=1.5"], "must be in (0, 1)"),
+                      (["--forget=adversarial", "--sequence=2"], "needs --forget=<fraction>"),
                       ([], "needs --base")):
         r = run(data_dir, f"--out_dir={out}", "--method=unlearnrec", *([f"--base={base}/ckpt_best.pt"] if args else []),
                 *args)
         assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_unlearnrec_saved_model_is_the_encoders_output(data_dir):
+    """unlearned.pt holds what the saved encoder gives, propagated over the remaining graph; summary scores match."""
+    import torch
+    sys.path.insert(0, ROOT)
+    from lightgcn import Graph, LightGCN, load_lightgcn_dir
+    from unlearnrec import InfluenceEncoder, remove_edges, request_adjacency
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    base = data_dir / "base"
+    assert run(data_dir, f"--out_dir={base}", "--epochs=4", "--lr=0.05").returncode == 0
+    out = data_dir / "ul"
+    r = run(data_dir, f"--out_dir={out}", "--method=unlearnrec", f"--base={base}/ckpt_best.pt", "--forget=0.05",
+            "--pre_epochs=1", "--finetune_epochs=2", "--retrain=false", "--lr=0.05", "--epochs=4")
+    assert r.returncode == 0, r.stderr
+    s = json.load(open(out / "summary.json"))
+    saved = torch.load(out / "unlearned.pt", weights_only=True)
+    data = load_lightgcn_dir(str(data_dir / "data" / "toy"), 0.1, 2020)
+    model = LightGCN(data.n_users, data.n_items, 8, 2)
+    model.load_state_dict(torch.load(base / "ckpt_best.pt", weights_only=True)["model"])
+    req = saved["requests"].numpy()
+    A_delta = request_adjacency(req, data.n_users, data.n_items)
+    A_r = Graph(data.n_users, data.n_items, remove_edges(data.train, req)).normalized()
+    with torch.no_grad():
+        E_L = model.propagate(Graph(data.n_users, data.n_items, data.train).normalized())
+        enc = InfluenceEncoder(data.n_users + data.n_items, 8, 3)
+        enc.load_state_dict(saved["encoder"])
+        E_user, E_item = model.propagate(A_r, enc(A_delta, model.E0, E_L)).split([data.n_users, data.n_items])
+        torch.testing.assert_close((E_user, E_item), (saved["E_user"], saved["E_item"]))
+        rows = {r["model"]: r for r in s["steps"][0]["rows"]}
+        assert list(rows) == ["base", "unlearnrec", "fine-tune-only"]
+        forgotten = (E_user[req[:, 0]] * E_item[req[:, 1]]).sum(-1).mean().item()
+        assert rows["unlearnrec"]["forgotten"]["mean"] == pytest.approx(forgotten, rel=1e-5)
+        # an encoder reset to the identity (zero H0 and η) would have given the base's scores on Â_r instead
+        Z_user, Z_item = model.propagate(A_r).split([data.n_users, data.n_items])
+        assert abs((Z_user[req[:, 0]] * Z_item[req[:, 1]]).sum(-1).mean().item() - forgotten) > 0.2
+
+
+def test_mf_base_is_lightgcn_without_propagation_and_can_be_unlearned(data_dir):
+    import torch
+    sys.path.insert(0, ROOT)
+    from lightgcn import evaluate, load_lightgcn_dir
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    mf = data_dir / "mf"
+    assert run(data_dir, f"--out_dir={mf}", "--model=mf", "--epochs=2").returncode == 0
+    s = json.load(open(mf / "summary.json"))
+    assert s["config"]["model"] == "mf" and s["config"]["n_layers"] == 0
+    # scores are plain dot products of the layer-0 embeddings
+    data = load_lightgcn_dir(str(data_dir / "data" / "toy"), 0.1, 2020)
+    E0 = torch.load(mf / "ckpt_best.pt", weights_only=True)["model"]["E0"]
+    E_user, E_item = E0.split([data.n_users, data.n_items])
+    assert s["test"] == evaluate(E_user, E_item, data.test, [data.train, data.val])
+    r = run(data_dir, f"--out_dir={data_dir / 'ulmf'}", "--method=unlearnrec", f"--base={mf}/ckpt_best.pt",
+            "--forget=0.05", "--pre_epochs=1", "--finetune_epochs=1", "--enc_layers=2")
+    assert r.returncode == 0, r.stderr
+    rows = json.load(open(data_dir / "ulmf" / "summary.json"))["steps"][0]["rows"]
+    assert [x["model"] for x in rows] == ["base", "unlearnrec", "fine-tune-only", "retrained"]
+    # the retraining is an MF model too
+    assert torch.load(data_dir / "ulmf" / "retrained1" / "ckpt_best.pt", weights_only=True)["config"]["n_layers"] == 0

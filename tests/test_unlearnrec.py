@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightgcn import DataError, Graph, LightGCN
-from unlearnrec import (InfluenceEncoder, align_loss, auc, least_liked_items, never_seen_pairs, random_requests,
-                        read_requests, remove_edges, request_adjacency, unlearn_loss)
+from lightgcn import DataError, Graph, Interactions, LightGCN, bpr_loss, evaluate
+from unlearnrec import (FineTuneOnly, InfluenceEncoder, align_loss, auc, fine_tune, held_out_pairs, least_liked_items,
+                        membership_auc, never_seen_pairs, random_requests, read_requests, remove_edges,
+                        request_adjacency, score_report, ssl_loss, unlearn_loss, unlearn_pipeline)
 
 EDGES = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3]])  # 4 users, 4 items
 NU, NI = 4, 4
@@ -156,3 +157,228 @@ def test_least_liked_items_equal_a_naive_loop():
     expect = [[u, min((i for i in range(NI) if (u, i) not in seen), key=lambda i: (Eu[u] @ Ei[i]).item())]
               for u in users]
     assert got.tolist() == expect
+
+
+# ----------------------------------------------------------------------------- membership, baseline, pipeline
+
+def preference_graph(seed=0, nu=150, ni=60, per_user=20):
+    """Each user picks per_user items with P ∝ exp(1.5 u·v) (latent factors), split at random per interaction:
+    60 % train, 15 % to forget, 25 % held out. Forgotten and held-out pairs are exchangeable."""
+    rng = np.random.default_rng(seed)
+    U, V = rng.normal(size=(nu, 4)), rng.normal(size=(ni, 4))
+    pairs = []
+    for u in range(nu):
+        p = np.exp(1.5 * U[u] @ V.T)
+        pairs += [(u, i) for i in rng.choice(ni, per_user, replace=False, p=p / p.sum())]
+    pairs = np.array(pairs)
+    r = rng.random(len(pairs))
+    return pairs[r < 0.6], pairs[(r >= 0.6) & (r < 0.75)], pairs[r >= 0.75]
+
+
+def train_toy(edges, nu, ni, steps=100, seed=0):
+    """Full-batch BPR on a 2-layer LightGCN, dim 16: enough to fit (and memorise) the toy graph."""
+    torch.manual_seed(seed)
+    A = Graph(nu, ni, edges).normalized()
+    model = LightGCN(nu, ni, 16, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    u, i = torch.from_numpy(edges).T
+    for _ in range(steps):
+        E_user, E_item = model(A)
+        bpr, l2 = bpr_loss(E_user, E_item, *model.E0.split([nu, ni]), u, i, torch.randint(ni, u.shape, generator=gen),
+                           1e-4)
+        opt.zero_grad()
+        (bpr + l2).backward()
+        opt.step()
+    return model
+
+
+def test_membership_auc_is_half_for_a_model_that_never_saw_the_edges():
+    train, forget, held = preference_graph()
+    nu, ni = 150, 60
+    negatives = never_seen_pairs(len(forget), [train, forget, held], nu, ni, np.random.default_rng(0))
+    both = np.concatenate([train, forget])
+    m_never, m_saw = train_toy(train, nu, ni), train_toy(both, nu, ni)
+    with torch.no_grad():
+        never = score_report(*m_never(Graph(nu, ni, train).normalized()), forget, held, negatives)
+        saw = score_report(*m_saw(Graph(nu, ni, both).normalized()), forget, held, negatives)
+    # ~460 forgotten vs ~760 held-out pairs: the AUC's standard error is ~0.017
+    assert abs(never["mia_auc"] - 0.5) < 0.06, never["mia_auc"]
+    assert saw["mia_auc"] > 0.75, saw["mia_auc"]
+    # random never-seen pairs would have measured preference instead: the model that never saw the edges
+    # still tells them apart (the old definition of the test)
+    assert auc([never["forgotten"]["mean"]], [never["negatives"]["mean"]]) == 1.0
+    assert never["held_out"]["mean"] > never["negatives"]["mean"] + 0.5
+
+
+def test_membership_auc_compares_within_users():
+    # user 0 scores everything high, user 1 everything low; user 0 has most forgotten edges, user 1 most held-out
+    # ones: pooled over users the AUC would be high, within each user the two sets are alike
+    forgotten, s_f = np.array([[0, 1], [0, 2], [0, 3], [1, 1]]), np.array([9.0, 8.0, 7.0, 1.0])
+    held, s_h = np.array([[0, 4], [1, 2], [1, 3], [1, 4]]), np.array([8.0, 0.0, 1.0, 2.0])
+    assert auc(s_f, s_h) == 0.75
+    # user 0: 9, 8, 7 vs 8 -> (1 + ½ + 0) / 3;  user 1: 1 vs 0, 1, 2 -> (1 + ½ + 0) / 3;  weights 3 and 1
+    assert membership_auc(forgotten, s_f, held, s_h) == pytest.approx(0.5)
+    # a user without held-out interactions is left out
+    assert membership_auc(np.array([[0, 1], [2, 1]]), np.array([9.0, 0.0]), held[:1], s_h[:1]) == 1.0
+
+
+def test_held_out_pairs_are_the_request_users_val_and_test_items():
+    val, test = np.array([[0, 2], [1, 3], [3, 0]]), np.array([[0, 3], [2, 2]])
+    got = held_out_pairs(np.array([[0, 1], [3, 3], [0, 0]]), [val, test])
+    assert sorted(map(tuple, got.tolist())) == [(0, 2), (0, 3), (3, 0)]
+
+
+def toy_request():
+    torch.manual_seed(0)
+    model = LightGCN(NU, NI, dim=6, n_layers=2).requires_grad_(False)
+    req = EDGES[[1, 6]]                                          # (0, 1), (2, 3): nodes 0, 2, NU+1, NU+3
+    A_full, A_r = Graph(NU, NI, EDGES).normalized(), Graph(NU, NI, remove_edges(EDGES, req)).normalized()
+    with torch.no_grad():
+        E_L = model.propagate(A_full)
+    return model, req, request_adjacency(req, NU, NI), A_r, E_L
+
+
+def loss_of(corrector, model, req, A_delta, A_r, E_L):
+    E0p = corrector(A_delta, model.E0, E_L)
+    E_user, E_item = model.propagate(A_r, E0p).split([NU, NI])
+    return (unlearn_loss(E_user, E_item, torch.from_numpy(req)) + (E_user.pow(2).sum() + E_item.sum()) * 1e-2
+            + E0p.pow(2).sum() * 1e-3)
+
+
+def test_h0_outside_the_request_is_fine_tune_only():
+    """At the start (H0 = 0, MLP = I), H0's gradient on every node the request does not touch equals the gradient
+    of fine-tuning E0 directly (h0_all=True, the l = 0 term); with h0_all=False it is zero there."""
+    model, req, A_delta, A_r, E_L = toy_request()
+    ft = FineTuneOnly(model.E0)
+    torch.testing.assert_close(ft(A_delta, None, None), model.E0)    # starts at E0, ignores the request
+    loss_of(ft, model, req, A_delta, A_r, E_L).backward()
+    outside = [1, 3, NU + 0, NU + 2]
+    inside = [0, 2, NU + 1, NU + 3]
+    for h0_all in (True, False):
+        enc = InfluenceEncoder(NU + NI, 6, n_layers=2, h0_all=h0_all)
+        loss_of(enc, model, req, A_delta, A_r, E_L).backward()
+        if h0_all:
+            torch.testing.assert_close(enc.H0.grad[outside], ft.E0p.grad[outside])
+        else:
+            assert torch.all(enc.H0.grad[outside] == 0)
+        assert not torch.allclose(enc.H0.grad[inside], ft.E0p.grad[inside])
+
+
+def simple_fit(data, model, loss_fn, embed, name, epochs, seed):
+    """A minimal training loop with fit's contract: every epoch each training pair once, uniform negatives."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    pairs = torch.from_numpy(data.train)
+    for _ in range(epochs):
+        for b in torch.randperm(len(pairs), generator=gen).split(64):
+            u, i = pairs[b].T
+            loss = loss_fn(u, i, torch.randint(data.n_items, u.shape, generator=gen))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {"train_seconds": 1.0}
+
+
+class Cfg:
+    forget, sequence, retrain, seed = "0.1", 2, True, 0
+    pre_epochs, pre_frac, redraw_every, finetune_epochs = 2, 0.1, 1, 2
+    lambda_u, lambda_a, align_tau, align_pairs, lambda_ssl, ssl_tau = 1.0, 0.01, 1.0, 64, 0.0, 0.2
+    decay, eta0, omega, enc_layers, h0_all = 1e-4, 2e-3, 0.1, 2, True
+
+
+def toy_pipeline(**changes):
+    train, val, test = preference_graph(nu=40, ni=30, per_user=12)
+    data = Interactions(40, 30, train, val, test)
+    trained = []
+
+    def train_base(d, name):
+        trained.append((name, d.train))
+        return train_toy(d.train, 40, 30, steps=30), 5.0
+
+    def report(d, E_user, E_item):
+        return {"val": evaluate(E_user, E_item, d.val, [d.train], 5), "test": {}}
+
+    base, _ = train_base(data, "base")
+    cfg = Cfg()
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    out = unlearn_pipeline(cfg, data, base, 5.0, False, simple_fit, train_base, report)
+    return data, base, out, trained[1:]
+
+
+def test_pipeline_sequence_baseline_and_retraining():
+    data, base, out, trained = toy_pipeline()
+    s1, s2 = out["steps"]
+    assert [r["model"] for r in s1["rows"]] == ["base", "unlearnrec", "fine-tune-only", "retrained"]
+    assert [r["model"] for r in s2["rows"]] == ["unlearnrec", "fine-tune-only", "retrained"]
+    # each retraining sees the edges left after every request so far; request 2 comes from what request 1 left
+    (n1, t1), (n2, t2) = trained
+    assert (n1, n2) == ("retrained1", "retrained2")
+    assert len(t1) == len(data.train) - s1["requests"] and len(t2) == len(t1) - s2["requests"]
+    assert set(map(tuple, out["requests"].tolist())) <= set(map(tuple, t1.tolist()))
+    assert not set(map(tuple, out["requests"].tolist())) & set(map(tuple, t2.tolist()))
+    for step in (s1, s2):
+        rows = {r["model"]: r for r in step["rows"]}
+        # both unlearning methods push the forgotten pairs below where the base model put them
+        for name in ("unlearnrec", "fine-tune-only"):
+            assert rows[name]["forgotten"]["mean"] < s1["rows"][0]["forgotten"]["mean"]
+
+
+def test_pipeline_rngs_are_separate_and_reported_scores_are_the_encoders():
+    data, base, out, _ = toy_pipeline(sequence=1)
+    _, _, other, _ = toy_pipeline(sequence=1, pre_epochs=0, retrain=False)
+    # one generator per purpose: no pre-training draws nothing from the request or evaluation generators
+    assert np.array_equal(out["requests"], other["requests"])
+    assert out["steps"][0]["rows"][0]["negatives"] == other["steps"][0]["rows"][0]["negatives"]
+    # the reported unlearned model is the encoder's output, propagated over the remaining graph
+    req = out["requests"]
+    A_delta = request_adjacency(req, 40, 30)
+    A_r = Graph(40, 30, remove_edges(data.train, req)).normalized()
+    with torch.no_grad():
+        E_L = base.propagate(Graph(40, 30, data.train).normalized())
+        enc = InfluenceEncoder(70, 16, 2)
+        enc.load_state_dict(out["encoder"])
+        E = base.propagate(A_r, enc(A_delta, base.E0, E_L))
+        torch.testing.assert_close(out["unlearned"], E)
+        row = out["steps"][0]["rows"][1]
+        assert row["model"] == "unlearnrec"
+        s = (E[req[:, 0]] * E[40 + req[:, 1]]).sum(-1)
+        assert row["forgotten"]["mean"] == pytest.approx(s.mean().item(), rel=1e-5)
+        # and it depends on the encoder: an encoder reset to zero (E0' = E0) gives other embeddings and scores
+        zero = base.propagate(A_r, InfluenceEncoder(70, 16, 2, eta0=0.0)(A_delta, base.E0, E_L))
+        assert (zero[req[:, 0]] * zero[40 + req[:, 1]]).sum(-1).mean() > s.mean() + 0.1
+
+
+def test_ssl_loss_equals_infonce_written_out():
+    g = torch.Generator().manual_seed(0)
+    Z1, Z2 = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    tau, expect = 0.5, 0.0
+    for b in range(5):
+        sims = [(Z1[b] @ Z2[c] / Z1[b].norm() / Z2[c].norm()).item() / tau for c in range(5)]
+        expect += -(sims[b] - np.log(np.exp(sims).sum())) / 5
+    assert ssl_loss(Z1, Z2, tau).item() == pytest.approx(expect, rel=1e-9)
+
+
+def test_fine_tune_with_ssl_lowers_forgotten_scores_and_trains_only_the_corrector():
+    model = train_toy(EDGES, NU, NI, steps=50).requires_grad_(False)
+    req = EDGES[[1, 6]]
+    train_r = remove_edges(EDGES, req)
+    with torch.no_grad():
+        E_L = model.propagate(Graph(NU, NI, EDGES).normalized())
+    data = Interactions(NU, NI, EDGES, EDGES[:0], EDGES[:0])
+    cfg = Cfg()
+    cfg.lambda_ssl, cfg.align_pairs = 1.0, 8
+    E0 = model.E0.clone()
+    before = (E_L[req[:, 0]] * E_L[NU + req[:, 1]]).sum(-1)
+    out = []
+    for corrector in (InfluenceEncoder(NU + NI, 16, 2), FineTuneOnly(model.E0)):
+        _, E0p, E = fine_tune(corrector, model, model.E0, E_L, req, data, train_r, False, simple_fit, cfg, "t", 30, 0)
+        assert torch.all((E[req[:, 0]] * E[NU + req[:, 1]]).sum(-1) < before - 0.5)
+        assert torch.equal(model.E0, E0)
+        out.append(E0p)
+    # the SSL term reaches the encoder's optimiser: without it the encoder ends elsewhere
+    cfg.lambda_ssl = 0.0
+    _, E0p, _ = fine_tune(InfluenceEncoder(NU + NI, 16, 2), model, model.E0, E_L, req, data, train_r, False,
+                          simple_fit, cfg, "t", 30, 0)
+    assert (E0p - out[0]).abs().max() > 1e-3
