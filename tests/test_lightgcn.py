@@ -32,16 +32,34 @@ def test_normalized_adjacency_equals_dense_formula(self_loops):
     torch.testing.assert_close(got, dense_adjacency(3, 4, EDGES, self_loops=self_loops), rtol=1e-6, atol=1e-7)
 
 
-def test_weighted_adjacency_and_its_gradient():
-    w = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.1, 1.5], dtype=torch.float64)
-    w1 = w.clone().float().requires_grad_()
-    w2 = w.clone().requires_grad_()
-    A = Graph(3, 4, EDGES).normalized(w1)
-    torch.testing.assert_close(A.to_dense().double(), dense_adjacency(3, 4, EDGES, w), rtol=1e-5, atol=1e-6)
-    E = torch.randn(7, 3, dtype=torch.float64)
-    (A @ E.float()).pow(2).sum().backward()
-    (dense_adjacency(3, 4, EDGES, w2) @ E).pow(2).sum().backward()
-    torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=1e-4, atol=1e-5)
+def test_weighted_adjacency_is_the_fixed_normalised_one_times_the_weights():
+    # 3 users, 4 items (+ self-loops): Â stays norm(A + I) computed once; a weight per nonzero (each direction
+    # and each self-loop its own) multiplies its entry, so zeroing the weight of u0->i0 moves no other entry
+    g = Graph(3, 4, EDGES, self_loops=True)
+    A_hat = g.normalized()
+    fixed = dense_adjacency(3, 4, EDGES, self_loops=True)
+    w = torch.ones(len(g.col), dtype=torch.float64)
+    w[(g.row == 0) & (g.col == 3 + 0)] = 0.0
+    got = g.weighted(A_hat.to(torch.float64), w).to_dense()
+    expect = fixed.clone()
+    expect[0, 3] = 0.0
+    torch.testing.assert_close(got, expect)            # i0->u0 and u0's other entries (u0->i2) unchanged
+    # asymmetric weights: Â ⊙ W and its gradients (in W and in E) match the dense formula
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.rand(len(g.col), generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    E = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    W_dense = torch.zeros(7, 7, dtype=torch.float64)
+    W_dense[g.row, g.col] = w.detach()
+    A64 = A_hat.to(torch.float64)
+    torch.testing.assert_close(g.weighted(A64, w).to_dense(), fixed * W_dense)
+    target = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    ((g.weighted(A64, w) @ E) * target).sum().backward()
+    w2, E2 = w.detach().clone().requires_grad_(), E.detach().clone().requires_grad_()
+    Wd = torch.zeros(7, 7, dtype=torch.float64).index_put((g.row, g.col), w2)
+    (((fixed * Wd) @ E2) * target).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(E.grad, E2.grad)
+    assert torch.autograd.gradcheck(lambda w, e: g.weighted(A64, w) @ e, (w.detach().requires_grad_(), E))
 
 
 @pytest.mark.parametrize("combine", ["mean", "sum"])
