@@ -54,11 +54,13 @@ class Interactions:
     test: np.ndarray              # (E_test, 2)
 
 
-def read_lightgcn_file(path, known_users=None):
+def read_lightgcn_file(path, known_users=None, train=None):
     """Read `user item item ...` lines into unique (user, item) pairs.
 
-    known_users: a boolean array of users that have training items; a user outside it is an error."""
-    pairs = []
+    known_users: a boolean array of users that have training items; a user outside it is an error.
+    train: the training pairs; a pair of this file that is also one of them is an error (a held-out split must
+    not overlap train.txt)."""
+    pairs, lines = [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             fields = line.split()
@@ -74,24 +76,36 @@ def read_lightgcn_file(path, known_users=None):
             if known_users is not None and len(ids) > 1 and (u >= len(known_users) or not known_users[u]):
                 raise DataError(f"{path}:{n}: user {u} has no training interactions")
             pairs.extend((u, i) for i in ids[1:])
+            lines.extend([n] * (len(ids) - 1))
     if not pairs:
         raise DataError(f"{path}: no interactions (empty file?)")
-    return np.unique(np.array(pairs, dtype=np.int64), axis=0)
+    pairs = np.array(pairs, dtype=np.int64)
+    if train is not None:
+        n_items = int(max(pairs[:, 1].max(), train[:, 1].max())) + 1
+        clash = np.isin(pairs[:, 0] * n_items + pairs[:, 1], train[:, 0] * n_items + train[:, 1]).nonzero()[0]
+        if len(clash):
+            k = clash[0]
+            raise DataError(f"{path}:{lines[k]}: user {pairs[k, 0]} item {pairs[k, 1]} is also in train.txt; "
+                            f"the held-out splits must not overlap the training interactions")
+    return np.unique(pairs, axis=0)
 
 
 def load_lightgcn_dir(folder, val_frac=0.1, seed=0):
-    """train.txt, optional val.txt, test.txt. Without val.txt a validation split is drawn from train, per user."""
+    """train.txt, optional val.txt, test.txt. Without val.txt a validation split is drawn from train, per user:
+    floor(val_frac * n_u) of a user's n_u interactions, so users with fewer than 1 / val_frac training items get
+    no validation item (they still count in test). Items that appear only in val / test are kept (they get an
+    untrained embedding; the ML-1M split has a few)."""
     train = read_lightgcn_file(os.path.join(folder, "train.txt"))
     known = np.zeros(train[:, 0].max() + 1, dtype=bool)
     known[train[:, 0]] = True
-    test = read_lightgcn_file(os.path.join(folder, "test.txt"), known)
+    test = read_lightgcn_file(os.path.join(folder, "test.txt"), known, train)
     val_path = os.path.join(folder, "val.txt")
     if os.path.exists(val_path):
-        val = read_lightgcn_file(val_path, known)
+        val = read_lightgcn_file(val_path, known, train)
     else:
         train, val = split_per_user(train, [val_frac], seed)
-    n_users = int(max(p[:, 0].max() for p in (train, val, test)) + 1)
-    n_items = int(max(p[:, 1].max() for p in (train, val, test)) + 1)
+    n_users = int(max(p[:, 0].max() for p in (train, val, test) if len(p)) + 1)
+    n_items = int(max(p[:, 1].max() for p in (train, val, test) if len(p)) + 1)
     return Interactions(n_users, n_items, train, val, test)
 
 
@@ -360,6 +374,8 @@ def evaluate(E_user, E_item, truth_pairs, exclude_pairs, k=20, batch_size=1024):
     """Full-ranking Recall@k and NDCG@k over users with at least one pair in truth_pairs.
 
     exclude_pairs: list of (E, 2) arrays of items never to rank for their user (train; for test also val)."""
+    if len(truth_pairs) == 0:
+        raise DataError("nothing to evaluate: the split has no (user, item) pairs")
     n_users, n_items = E_user.shape[0], E_item.shape[0]
     truth = user_item_matrix(truth_pairs, n_users, n_items)
     exclude = sum((user_item_matrix(p, n_users, n_items) for p in exclude_pairs), sp.csr_matrix((n_users, n_items)))

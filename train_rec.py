@@ -445,6 +445,9 @@ def main():
         raise UserError(f"--graph_edges={cfg.graph_edges} must be in (0, 1]")
     device = pick_device(cfg.device)
     data = load_data(cfg)
+    if len(data.val) == 0:
+        raise UserError(f"no validation interactions (--val_frac={cfg.val_frac}; a user gets floor(val_frac * "
+                        f"its training items)): early stopping and checkpoints need them; raise --val_frac")
     print(f"{cfg.dataset}: {data.n_users} users, {data.n_items} items, "
           f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test interactions")
     run = {"lightgcn": train, "lightgnn": train_lightgnn_pipeline, "unlearnrec": train_unlearnrec}[cfg.method]

@@ -140,6 +140,22 @@ def test_training_items_are_masked_at_evaluation():
     assert evaluate(E_user, E_item, test, [train, np.array([[0, 2]])], k=1)["recall@1"] == 1.0
 
 
+def test_held_out_splits_must_not_overlap_train_and_an_empty_split_is_a_clear_error(tmp_path):
+    (tmp_path / "train.txt").write_text("0 1 2 3\n1 0 2\n")
+    (tmp_path / "test.txt").write_text("0 4\n1 3 2\n")
+    with pytest.raises(DataError, match=r"test.txt:2: user 1 item 2 is also in train.txt"):
+        load_lightgcn_dir(str(tmp_path))
+    (tmp_path / "test.txt").write_text("0 4\n1 3\n")
+    (tmp_path / "val.txt").write_text("1 1\n0 1\n")
+    with pytest.raises(DataError, match=r"val.txt:2: user 0 item 1 is also in train.txt"):
+        load_lightgcn_dir(str(tmp_path))
+    (tmp_path / "val.txt").unlink()
+    data = load_lightgcn_dir(str(tmp_path), val_frac=0.0)        # no validation split: empty, no crash
+    assert len(data.val) == 0 and len(data.train) == 5 and data.n_items == 5
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        evaluate(torch.ones(2, 3), torch.ones(5, 3), data.val, [data.train])
+
+
 @pytest.mark.parametrize("content, message", [
     ("0 1 2\n1 x 3\n", "train.txt:2: ids must be integers"),
     ("0 1 2\n1 -3\n", "train.txt:2: ids must be >= 0"),

@@ -14,8 +14,9 @@ def data_dir(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "data" / "toy"
     folder.mkdir(parents=True)
-    for name, n in (("train.txt", 25), ("test.txt", 5)):
-        lines = [" ".join(map(str, [u, *sorted(rng.choice(60, n, replace=False))])) for u in range(40)]
+    items = [rng.choice(60, 30, replace=False) for _ in range(40)]     # 25 train, 5 test items per user, disjoint
+    for name, part in (("train.txt", slice(0, 25)), ("test.txt", slice(25, 30))):
+        lines = [" ".join(map(str, [u, *sorted(items[u][part])])) for u in range(40)]
         (folder / name).write_text("\n".join(lines) + "\n")
     return tmp_path
 
@@ -100,3 +101,9 @@ def test_unlearnrec_pipeline_and_its_errors(data_dir):
         r = run(data_dir, f"--out_dir={out}", "--method=unlearnrec", *([f"--base={base}/ckpt_best.pt"] if args else []),
                 *args)
         assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_no_validation_split_is_one_clear_error(data_dir):
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    r = run(data_dir, f"--out_dir={data_dir / 'nv'}", "--val_frac=0")
+    assert r.returncode == 2 and "no validation interactions" in r.stderr and r.stderr.count("\n") == 1, r.stderr
