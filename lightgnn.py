@@ -195,10 +195,13 @@ def distill_loss(model, E_user, E_item, tutor, tutor_high, u, i, j, triples, w, 
     bpr, l2 = bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, decay)
     users = sample_nodes(u, w["kd_nodes"], generator)
     items = sample_nodes(torch.cat([i, j]), w["kd_nodes"], generator)
-    loss = (bpr + l2
-            + w["pred"] * prediction_kd(E_user, E_item, *tutor, *triples, w["tau"])
-            + w["emb"] * embedding_kd(E_user, E_item, *tutor_high, users, items, w["emb_tau"])
-            + w["uni"] * uniformity(E_user, E_item, users, items, w["uni_tau"]))
+    loss = bpr + l2
+    if w["pred"] > 0:
+        loss = loss + w["pred"] * prediction_kd(E_user, E_item, *tutor, *triples, w["tau"])
+    if w["emb"] > 0:
+        loss = loss + w["emb"] * embedding_kd(E_user, E_item, *tutor_high, users, items, w["emb_tau"])
+    if w["uni"] > 0:
+        loss = loss + w["uni"] * uniformity(E_user, E_item, users, items, w["uni_tau"])
     if w["sub"] > 0 and 2 <= rnd <= 13:
         M_user, M_item = model.entry_mask.split([model.n_users, model.n_items])
         loosen = LOOSEN[rnd] if rnd < len(LOOSEN) else 0
