@@ -307,8 +307,8 @@ def run(data, hp, fit, report, device="cpu", teacher=None, mid_state=None):
     torch.manual_seed(hp.seed)
     g_mid, mass = augmented_graph(data.train, n_users, n_items, hp.mid_topk)
     mid = PrunableLightGCN(g_mid, hp.dim, hp.mid_layers).to(device)
-    print(f"intermediate graph: {(len(g_mid.col) - 2 * len(data.train) - g_mid.n_nodes) // 2} A² links, "
-          f"{mass:.1%} of A²'s mass")
+    n_links = (len(g_mid.col) - 2 * len(data.train) - g_mid.n_nodes) // 2
+    print(f"intermediate graph: {n_links} A² links, {mass:.1%} of A²'s mass")
     if mid_state is not None:
         mid.load_state_dict(mid_state[0])
         m_seconds = mid_state[1]
@@ -317,7 +317,6 @@ def run(data, hp, fit, report, device="cpu", teacher=None, mid_state=None):
     mid.requires_grad_(False)
     M = mid()
     M_high = high_order(mid, mid.adjacency(), mid.E0_masked())
-    n_links = (len(g_mid.col) - 2 * len(data.train) - g_mid.n_nodes) // 2
     report("intermediate", *M, m_seconds, 1.0 + n_links / len(data.train), 1.0,
            propagation_cost(hp.mid_layers, g_mid) / teacher_cost)
 

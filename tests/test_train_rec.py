@@ -93,7 +93,8 @@ def test_unlearnrec_pipeline_and_its_errors(data_dir):
             "--forget=adversarial", "--epochs=2", "--pre_epochs=1", "--finetune_epochs=1")
     assert r.returncode == 0, r.stderr
     assert json.load(open(data_dir / "adv" / "summary.json"))["requests"] == 40 // 2     # one edge, half the users
-    (data_dir / "bad.txt").write_text("0 1\n99 1\n")
+    item = (data_dir / "data" / "toy" / "train.txt").read_text().split()[1]     # a training item of user 0
+    (data_dir / "bad.txt").write_text(f"0 {item}\n99 1\n")
     for args, msg in (([f"--forget={data_dir / 'bad.txt'}"], "bad.txt:2: unknown user 99"),
                       (["--forget=adversarial", f"--encoder={out}/encoder_pretrained.pt"], "another config"),
                       (["--forget=1.5"], "must be in (0, 1)"),
