@@ -54,11 +54,13 @@ class Interactions:
     test: np.ndarray              # (E_test, 2)
 
 
-def read_lightgcn_file(path, known_users=None):
+def read_lightgcn_file(path, known_users=None, train=None):
     """Read `user item item ...` lines into unique (user, item) pairs.
 
-    known_users: a boolean array of users that have training items; a user outside it is an error."""
-    pairs = []
+    known_users: a boolean array of users that have training items; a user outside it is an error.
+    train: the training pairs; a pair of this file that is also one of them is an error (a held-out split must
+    not overlap train.txt)."""
+    pairs, lines = [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             fields = line.split()
@@ -74,24 +76,36 @@ def read_lightgcn_file(path, known_users=None):
             if known_users is not None and len(ids) > 1 and (u >= len(known_users) or not known_users[u]):
                 raise DataError(f"{path}:{n}: user {u} has no training interactions")
             pairs.extend((u, i) for i in ids[1:])
+            lines.extend([n] * (len(ids) - 1))
     if not pairs:
         raise DataError(f"{path}: no interactions (empty file?)")
-    return np.unique(np.array(pairs, dtype=np.int64), axis=0)
+    pairs = np.array(pairs, dtype=np.int64)
+    if train is not None:
+        n_items = int(max(pairs[:, 1].max(), train[:, 1].max())) + 1
+        clash = np.isin(pairs[:, 0] * n_items + pairs[:, 1], train[:, 0] * n_items + train[:, 1]).nonzero()[0]
+        if len(clash):
+            k = clash[0]
+            raise DataError(f"{path}:{lines[k]}: user {pairs[k, 0]} item {pairs[k, 1]} is also in train.txt; "
+                            f"the held-out splits must not overlap the training interactions")
+    return np.unique(pairs, axis=0)
 
 
 def load_lightgcn_dir(folder, val_frac=0.1, seed=0):
-    """train.txt, optional val.txt, test.txt. Without val.txt a validation split is drawn from train, per user."""
+    """train.txt, optional val.txt, test.txt. Without val.txt a validation split is drawn from train, per user:
+    floor(val_frac * n_u) of a user's n_u interactions, so users with fewer than 1 / val_frac training items get
+    no validation item (they still count in test). Items that appear only in val / test are kept (they get an
+    untrained embedding; the ML-1M split has a few)."""
     train = read_lightgcn_file(os.path.join(folder, "train.txt"))
     known = np.zeros(train[:, 0].max() + 1, dtype=bool)
     known[train[:, 0]] = True
-    test = read_lightgcn_file(os.path.join(folder, "test.txt"), known)
+    test = read_lightgcn_file(os.path.join(folder, "test.txt"), known, train)
     val_path = os.path.join(folder, "val.txt")
     if os.path.exists(val_path):
-        val = read_lightgcn_file(val_path, known)
+        val = read_lightgcn_file(val_path, known, train)
     else:
         train, val = split_per_user(train, [val_frac], seed)
-    n_users = int(max(p[:, 0].max() for p in (train, val, test)) + 1)
-    n_items = int(max(p[:, 1].max() for p in (train, val, test)) + 1)
+    n_users = int(max(p[:, 0].max() for p in (train, val, test) if len(p)) + 1)
+    n_items = int(max(p[:, 1].max() for p in (train, val, test) if len(p)) + 1)
     return Interactions(n_users, n_items, train, val, test)
 
 
@@ -149,58 +163,69 @@ def split_per_user(pairs, fractions, seed):
 # ----------------------------------------------------------------------------- graph
 
 class Graph:
-    """The symmetric bipartite graph A = [[0, R], [R^T, 0]] (+ I), stored as CSR with each nonzero knowing
-    which interaction it came from, so per-edge weights (one per interaction, shared by u->i and i->u) can
-    be applied and learned.
+    """The symmetric graph A = [[0, R], [R^T, 0]] (+ I), stored as CSR. Each nonzero knows which interaction it
+    came from (`edge`, -1 for self-loops and extra links) and where its transpose sits (`rev`), so a per-interaction
+    mask and per-nonzero learned weights (LightGNN) can be applied.
 
-    extra: optional (M, 2) node pairs (v, w), v != w, numbered users first then items, added in both
-    directions with edge ids E..E+M-1 (LightGNN's user-user and item-item links of A²)."""
+    extra: optional (M, 2) node pairs (v, w), v != w, numbered users first then items, added in both directions
+    with values extra_weight (default 1): LightGNN's user-user and item-item links of A².
+    loop_weight: optional (n_nodes,) values of the self-loops (default 1; LightGNN's I + diag(A²))."""
 
-    def __init__(self, n_users, n_items, edges, self_loops=False, extra=None):
+    def __init__(self, n_users, n_items, edges, self_loops=False, extra=None, extra_weight=None, loop_weight=None):
         self.n_users, self.n_items, self.n_nodes = n_users, n_items, n_users + n_items
-        E = len(edges)
-        # entry value = interaction id + 1, so the structure carries the id through scipy's reordering
-        eid = np.arange(1, E + 1, dtype=np.float64)
-        R = sp.coo_matrix((eid, (edges[:, 0], edges[:, 1])), shape=(n_users, n_items))
-        A = sp.bmat([[None, R], [R.T, None]], format="csr")
+        N, E = self.n_nodes, len(edges)
         self.n_edges = E
+        u, i = edges[:, 0], edges[:, 1] + n_users
+        rows, cols, ids = [u, i], [i, u], [np.arange(E), np.arange(E)]
+        vals = [np.ones(2 * E)]
         if extra is not None and len(extra):
-            xid = np.arange(E + 1, E + len(extra) + 1, dtype=np.float64)
-            X = sp.coo_matrix((np.concatenate([xid, xid]), (np.concatenate([extra[:, 0], extra[:, 1]]),
-                                                             np.concatenate([extra[:, 1], extra[:, 0]]))),
-                              shape=(self.n_nodes, self.n_nodes))
-            A = (A + X).tocsr()
-            if A.nnz != 2 * (E + len(extra)):
-                raise ValueError("extra pairs must be distinct, off the diagonal, and not user-item interactions")
-            self.n_edges += len(extra)
+            w = np.ones(len(extra)) if extra_weight is None else np.asarray(extra_weight, dtype=np.float64)
+            rows += [extra[:, 0], extra[:, 1]]
+            cols += [extra[:, 1], extra[:, 0]]
+            ids += [np.full(2 * len(extra), -1)]
+            vals += [w, w]
         if self_loops:
-            A = A - sp.identity(self.n_nodes, format="csr")             # value -1 marks a self-loop
-        A.sort_indices()
-        self.crow = torch.from_numpy(A.indptr.astype(np.int64))
-        self.col = torch.from_numpy(A.indices.astype(np.int64))
-        self.row = torch.repeat_interleave(torch.arange(self.n_nodes), self.crow.diff())
-        self.edge = torch.from_numpy(np.rint(A.data).astype(np.int64) - 1).clamp(min=-1)  # (nnz,) id; -1 = loop
+            rows.append(np.arange(N))
+            cols.append(np.arange(N))
+            ids.append(np.full(N, -1))
+            vals.append(np.ones(N) if loop_weight is None else np.asarray(loop_weight, dtype=np.float64))
+        row, col = np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+        key = row * N + col
+        order = np.argsort(key, kind="stable")                               # CSR order: by row, then column
+        key = key[order]
+        if len(key) > 1 and (np.diff(key) == 0).any():
+            raise ValueError("extra pairs must be distinct, off the diagonal, and not user-item interactions")
+        self.crow = torch.from_numpy(np.concatenate([[0], np.cumsum(np.bincount(row, minlength=N))]))
+        self.row, self.col = torch.from_numpy(row[order]), torch.from_numpy(col[order])
+        self.edge = torch.from_numpy(np.concatenate(ids)[order].astype(np.int64))       # (nnz,) interaction id
+        self.value = torch.from_numpy(np.concatenate(vals)[order].astype(np.float32))   # (nnz,) entries of A
+        # rev[k]: the nonzero (w, v) of nonzero k = (v, w); the structure is symmetric, so it exists
+        self.rev = torch.from_numpy(np.searchsorted(key, self.col.numpy() * N + self.row.numpy()))
 
     def to(self, device):
         """Move the structure (for Â built on the fly from learnable weights on that device)."""
-        for name in ("crow", "col", "row", "edge"):
+        for name in ("crow", "col", "row", "edge", "value", "rev"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def normalized(self, weight=None):
-        """Â = D^{-1/2} A D^{-1/2} as a sparse CSR tensor. weight: optional (n_edges,) per-edge weights; if they
-        require grad, a LearnableAdjacency (Â differentiable in them) is returned. Self-loops have weight 1."""
-        ones = torch.ones(len(self.edge), device=self.edge.device)
-        value = ones if weight is None else torch.where(self.edge >= 0, weight[self.edge.clamp(min=0)], ones)
-        # D_vv = Σ_w A_vw, computed per row from CSR offsets (a segment sum: deterministic)
-        deg = torch.segment_reduce(value, "sum", offsets=self.crow)
-        d_inv_sqrt = deg.clamp(min=1e-12).rsqrt()
-        # Â_vw = d_v^{-1/2} A_vw d_w^{-1/2}
-        value = d_inv_sqrt[self.row] * value * d_inv_sqrt[self.col]
+    def csr(self, value):
         with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR is still the fast CPU layout
             warnings.simplefilter("ignore")
-            A_hat = torch.sparse_csr_tensor(self.crow, self.col, value.detach(), (self.n_nodes, self.n_nodes))
-        return LearnableAdjacency(A_hat, value) if value.requires_grad else A_hat
+            return torch.sparse_csr_tensor(self.crow, self.col, value, (self.n_nodes, self.n_nodes))
+
+    def normalized(self):
+        """Â = D^{-1/2} A D^{-1/2} as a sparse CSR tensor, D from A's (weighted) row sums."""
+        # D_vv = Σ_w A_vw, computed per row from CSR offsets (a segment sum: deterministic)
+        deg = torch.segment_reduce(self.value, "sum", offsets=self.crow)
+        d_inv_sqrt = deg.clamp(min=1e-12).rsqrt()
+        # Â_vw = d_v^{-1/2} A_vw d_w^{-1/2}
+        return self.csr(d_inv_sqrt[self.row] * self.value * d_inv_sqrt[self.col])
+
+    def weighted(self, A_hat, weight):
+        """Â ⊙ W for a fixed Â of this graph and per-nonzero weights W (nnz,): no re-normalisation, so changing
+        one weight changes one entry (LightGNN's parameterisation). Differentiable in W: a LearnableAdjacency."""
+        value = A_hat.values() * weight
+        return LearnableAdjacency(self.csr(value.detach()), self.csr(value.detach()[self.rev]), value)
 
 
 # ----------------------------------------------------------------------------- model and loss
@@ -220,43 +245,43 @@ class SymmetricSpMM(torch.autograd.Function):
 
 
 class LearnableAdjacency:
-    """Â whose values carry gradients to learnable edge weights: the CSR structure plus its differentiable values.
-    (Through a CSR tensor built from differentiable values, torch's backward spent ~0.8 s a step on ml-latest-small
-    in dense-sized index work; here the values' gradient is one sampled product.)"""
+    """Â whose values carry gradients to learnable edge weights: Â and Âᵀ (same structure, values permuted) plus the
+    differentiable values. (Through a CSR tensor built from differentiable values, torch's backward spent ~0.8 s a
+    step on ml-latest-small in dense-sized index work; here the values' gradient is one sampled product.)"""
 
-    def __init__(self, A_hat, value):
-        self.A_hat, self.value = A_hat, value
+    def __init__(self, A_hat, A_hat_T, value):
+        self.A_hat, self.A_hat_T, self.value = A_hat, A_hat_T, value
 
     def __matmul__(self, E):
-        return WeightedSymmetricSpMM.apply(self.value, E, self.A_hat)
+        return WeightedSpMM.apply(self.value, E, self.A_hat, self.A_hat_T)
 
     def to_dense(self):
         return self.A_hat.to_dense()
 
 
-class WeightedSymmetricSpMM(torch.autograd.Function):
-    """Â E where Â's values are learnable (edge weights). `value` is the autograd input that receives their
-    gradient; A_hat holds the same numbers, detached. Same symmetric trick for dE."""
+class WeightedSpMM(torch.autograd.Function):
+    """Â E where Â's values are learnable (edge weights, one per direction: Â need not be symmetric). `value`
+    is the autograd input that receives their gradient; A_hat holds the same numbers, detached, A_hat_T its
+    transpose."""
 
     @staticmethod
-    def forward(ctx, value, E, A_hat):
+    def forward(ctx, value, E, A_hat, A_hat_T):
         ctx.save_for_backward(E)
-        ctx.A_hat = A_hat
+        ctx.A_hat, ctx.A_hat_T = A_hat, A_hat_T
         return A_hat @ E
 
     @staticmethod
     def backward(ctx, G):
         (E,) = ctx.saved_tensors
-        A = ctx.A_hat
         # dL/dÂ_vw = G_v · E_w at Â's nonzeros (a sampled dense-dense product: 45x faster than gathering rows of
-        # G and E per nonzero on ml-1m);  dL/dE = Âᵀ G = Â G
-        dA = torch.sparse.sampled_addmm(A, G.contiguous(), E.T, beta=0.0).values()
-        return dA, A @ G, None
+        # G and E per nonzero on ml-1m);  dL/dE = Âᵀ G
+        dA = torch.sparse.sampled_addmm(ctx.A_hat, G.contiguous(), E.T, beta=0.0).values()
+        return dA, ctx.A_hat_T @ G, None, None
 
 
 def spmm(A_hat, E):
-    """Â E; the backward reuses Â (symmetric), and also gives the gradient of Â's values when they are learned
-    (A_hat a LearnableAdjacency)."""
+    """Â E; the backward reuses Â (symmetric), or, for a LearnableAdjacency, uses its Âᵀ and also gives the
+    gradient of Â's values."""
     if isinstance(A_hat, LearnableAdjacency):
         return A_hat @ E
     return SymmetricSpMM.apply(A_hat, E)
@@ -349,6 +374,8 @@ def evaluate(E_user, E_item, truth_pairs, exclude_pairs, k=20, batch_size=1024):
     """Full-ranking Recall@k and NDCG@k over users with at least one pair in truth_pairs.
 
     exclude_pairs: list of (E, 2) arrays of items never to rank for their user (train; for test also val)."""
+    if len(truth_pairs) == 0:
+        raise DataError("nothing to evaluate: the split has no (user, item) pairs")
     n_users, n_items = E_user.shape[0], E_item.shape[0]
     truth = user_item_matrix(truth_pairs, n_users, n_items)
     exclude = sum((user_item_matrix(p, n_users, n_items) for p in exclude_pairs), sp.csr_matrix((n_users, n_items)))

@@ -3,36 +3,45 @@ LightGNN: Simple Graph Neural Network for Recommendation. Chen, Xia, Huang, WSDM
 
 A deep GNN recommender is accurate but slow to serve: every layer touches every edge and every embedding entry.
 LightGNN distils a deep teacher into a shallow student and, while it does, prunes the student's graph and
-embeddings. Distillation is hierarchical: an intermediate model on an AUGMENTED graph (A plus 2-hop user-user
-and item-item links) first absorbs the teacher's high-order knowledge, so the 2-layer student can learn it
-through a few learnable, weighted edges instead of many hops. Each pruning round trains the student, scores
-every kept edge by its own learned weight plus the intermediate's opinion of the pair, drops the lowest ρ of
-edges and the lowest ρ' of embedding entries, and starts the next round from what survives.
+embeddings. Distillation is hierarchical: an intermediate model on an AUGMENTED graph (A plus its 2-hop paths
+A²) first absorbs the teacher's high-order knowledge, so the 2-layer student can learn it through a few
+learnable, weighted edges instead of many hops. Each pruning round trains the student, scores every kept edge by
+its own learned weight plus the intermediate's opinion of the pair, drops the lowest ρ of edges and the lowest ρ'
+of embedding entries, and starts the next round from what survives.
 
-    teacher       E^t = Σ_{l=0..8} Â_t^l E^t_0,                 Â_t = norm(A + I)
-    intermediate  E^m = Σ_{l=0..6} Â_m^l E^m_0,                 Â_m = norm(W_m ⊙ (I + A + A²_top))
-    student       E^s = Σ_{l=0..2} Â_s^l (E^s_0 ⊙ M_E),         Â_s = norm(W_s ⊙ M_A ⊙ (A + I))
-                  norm(X) = D^{-1/2} X D^{-1/2}; A²_top keeps each node's `mid_topk` strongest 2-hop links
+    teacher       E^t = Σ_{l=0..8} Â_t^l E^t_0,                  Â_t = norm(A + I)
+    intermediate  E^m = Σ_{l=0..6} (Â_m ⊙ W_m)^l E^m_0,          Â_m = norm(I + A + A²)   (A² = path counts)
+    student       E^s = Σ_{l=0..2} (Â_s ⊙ W_s ⊙ M_A)^l (E^s_0 ⊙ M_E),   Â_s = norm(A + I)
+                  norm(X) = D^{-1/2} X D^{-1/2}, computed ONCE from the unpruned graph; W one learned weight per
+                  nonzero (each direction and each self-loop its own, init 1), M_A / M_E binary masks
     (1) L_pred = mean_(u,i1,i2) BCE(σ(s/τ), σ(t/τ)),   s = ŷ^s_ui1 − ŷ^s_ui2, t the same for the tutor, τ = 0.03
-    (2) L_emb  = −mean_v log softmax_w(cos(e^s_v, ē^t_w) / τ')_v,   ē^t = Σ_{l=2..8} Â_t^l E^t_0 (detached),
-                 v over the batch's users (w over all users) and items (w over all items), τ' = 0.1
-    (3) L_uni  = mean_u log Σ_i exp(ê_u · ê_i / τ_u) + mean_i log Σ_u exp(ê_i · ê_u / τ_u),  ê = e / ‖e‖
-    L = L_BPR + λ_pred L_pred + λ_emb L_emb + λ_uni L_uni + decay · L2          (L_BPR and L2 from lightgcn.py)
-    (4) φ(u,i) = [W_s(u,i) + β1 σ(e^m_u · e^m_i) + β2 W_m(u,i)] · M_A(u,i)
+    (2) L_emb  = −mean_v log [exp(cos(h_v, e_v)/τ') / Σ_w exp(cos(h_v, e_w)/τ')],   τ' = 0.1
+                 h = Σ_{l=2..L} layers of the tutor (detached) as the anchor, e the model's final embeddings,
+                 v over the batch's users (w over all users) and items (w over all items)
+    (3) L_uni  = mean_u lse_i(e_u·e_i) + mean_i lse_u(e_i·e_u) + mean_u lse_u'(e_u·e_u') + mean_i lse_i'(e_i·e_i')
+                 lse_w(x_w) = log Σ_w exp(x_w / τ_u), raw dot products, τ_u = 1
+    (3') L_sub = Σ_4 pairings −mean_a Σ_b y_ab log softmax_b(e_a · e_b / τ_u),   student rounds 2..13 only;
+                 y_ab = 1 when a's and b's kept embedding entries (rows of M_E) overlap in all but `loosen` places
+    L = L_BPR + λ_pred L_pred + λ_emb L_emb + λ_uni L_uni + λ_sub L_sub + decay · L2      (L_BPR, L2: lightgcn.py)
+    (4) φ(v,w) = [W_s(v,w) + β1 σ(e^m_v · e^m_w) + β2 W_m(v,w)] · M_A(v,w),   β1 = 0.05, β2 = 1.0
     (5) one round: M_A ← 0 on the ⌊ρ·|kept edges|⌋ lowest φ;  M_E ← 0 on the ⌊ρ'·|kept entries|⌋ lowest |E^s_0|
         (one global threshold); the next round restarts from E^s_0 ⊙ M_E with W_s = 1.
 
-The tutor of the intermediate is the teacher; the tutor of the student (prediction KD) is the intermediate;
-the embedding KD of both targets the teacher's high-order embeddings.
+The intermediate's tutor is the teacher (its final embeddings for (1), its layers 2..8 for (2)); the student's
+tutor is the intermediate (final embeddings for (1), its layers 2..6 for (2)), as in the official code.
 
-Choices (the notes are silent): A²_top's learnable weights start at 1 like A's; learned edge weights are
-clamped at 0 inside Â so a degree can never go negative; the uniformity term uses cosine similarities
-(raw dot products grow with the embedding scale and fight BPR); self-loops are never pruned; (2) and (3) use
-at most `max_nodes` of a batch's users and items. The reported student of each round is its best-VALIDATION
-epoch (the official code selects on test). The flags default to the paper's weights; on ml-1m at laptop budget
-the student did better with λ_uni = 0 and λ_pred = 0.1 (README, LightGNN).
+Choices where the official code (HKUDS/LightGNN) is followed or departed from:
+- A² on a large graph is nearly dense (ml-1m's user-user block), so `augmented_graph` keeps its diagonal and each
+  node's `topk` largest off-diagonal path counts (symmetrised) and reports the share of A²'s mass kept; topk=0
+  keeps all of A² as the official code does.
+- An interaction is pruned as a whole: φ of its two directions summed (the official code prunes each direction
+  and each self-loop on its own); self-loops are never pruned; so "edges kept" counts interactions.
+- (2) and (3) use at most `kd_nodes` users and `kd_nodes` items of a batch, drawn at random from its users and
+  from its positive AND negative items (the official code: all users and positives); their cost is nodes × N.
+  (1) draws `kd_triples` random triples per step (official: 100,000). (3) uses a log-sum-exp (official: log(Σ+1e-5)).
+- The reported student of each round is its best-VALIDATION epoch (the official code selects on test).
 
-    python train_rec.py --method=lightgnn --dataset=ml-1m --data_dir=DIR --uni=0 --kd_pred=0.1
+    python train_rec.py --method=lightgnn --dataset=ml-1m --data_dir=DIR
 """
 import numpy as np
 import scipy.sparse as sp
@@ -40,53 +49,72 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightgcn import LightGCN, bpr_loss
+from lightgcn import Graph, LightGCN, bpr_loss
+
+# the official schedule of the subspace term's `loosen` (index = pruning round; 0 after the list)
+LOOSEN = (0, 0, 0, 2, 3, 4, 4, 3, 1)
 
 
 # ----------------------------------------------------------------------------- graphs
 
-def two_hop_pairs(train, n_users, n_items, topk, block=1024):
-    """The user-user (R Rᵀ) and item-item (Rᵀ R) links of A², each node keeping its `topk` strongest (most
-    co-interactions; ties to the lower id), symmetrised. Returns (M, 2) node pairs v < w, users first."""
+def augmented_graph(train, n_users, n_items, topk, block=1024):
+    """I + A + A² as a Graph: A²'s diagonal (node degrees) added to the self-loops, its off-diagonal user-user
+    (R Rᵀ) and item-item (Rᵀ R) path counts as extra links; topk > 0 keeps each node's topk largest (ties to the
+    lower id), symmetrised. Returns (graph, share of A²'s total mass kept)."""
     R = sp.csr_matrix((np.ones(len(train), dtype=np.float32), (train[:, 0], train[:, 1])), shape=(n_users, n_items))
-    pairs = []
+    pairs, counts = [], []
     for X, offset in ((R, 0), (R.T.tocsr(), n_users)):
         n = X.shape[0]
-        k = min(topk, n - 1)
-        if k <= 0:
-            continue
+        k = n - 1 if topk <= 0 else min(topk, n - 1)
         for s in range(0, n, block):
-            C = torch.from_numpy((X[s:s + block] @ X.T).toarray())       # (b, n) co-interaction counts
-            C[torch.arange(len(C)), torch.arange(s, s + len(C))] = -1     # no self-links
-            # stable top-k: sort by count, larger first, ties by column id
-            order = torch.sort(-C, dim=1, stable=True).indices[:, :k]    # (b, k)
+            C = torch.from_numpy((X[s:s + block] @ X.T).toarray())       # (b, n) path counts v -> x -> w
+            C[torch.arange(len(C)), torch.arange(s, s + len(C))] = 0     # the diagonal goes to the self-loops
+            order = torch.sort(-C, dim=1, stable=True).indices[:, :k]    # (b, k) largest first, ties by id
             count = C.gather(1, order)
             v = torch.arange(s, s + len(C)).unsqueeze(1).expand_as(order)
             keep = count > 0
             pairs.append(torch.stack([v[keep], order[keep]], 1) + offset)
-    if not pairs:
-        return np.zeros((0, 2), dtype=np.int64)
-    p = torch.cat(pairs).sort(1).values                                   # (v, w) with v < w
-    return torch.unique(p, dim=0).numpy()
+            counts.append(count[keep])
+    p, c = torch.cat(pairs), torch.cat(counts)
+    p = p.sort(1).values                                                  # (v, w) with v < w: symmetrise
+    p, first = np.unique(p.numpy(), axis=0, return_index=True)
+    c = c.numpy()[first]
+    degree = np.concatenate([np.bincount(train[:, 0], minlength=n_users), np.bincount(train[:, 1], minlength=n_items)])
+    # mass of A²: Σ_vw (A²)_vw = Σ_x deg(x)², its diagonal Σ_v deg(v)
+    kept = (degree.sum() + 2 * c.sum()) / (degree.astype(np.float64) ** 2).sum()
+    return Graph(n_users, n_items, train, True, p, c, 1.0 + degree), float(kept)
 
 
 class PrunableLightGCN(LightGCN):
-    """LightGCN (layer sum) on `graph` with a learnable weight per edge (W, init 1), a binary edge mask M_A and a
-    binary embedding-entry mask M_E. The intermediate uses W only; the student all three."""
+    """LightGCN (layer sum) on the fixed Â of `graph` times a learnable weight per nonzero (W, init 1), with a
+    binary mask per interaction M_A and per embedding entry M_E. The intermediate uses W only; the student all."""
 
     def __init__(self, graph, dim=64, n_layers=2, init_std=0.1):
         super().__init__(graph.n_users, graph.n_items, dim, n_layers, "sum", init_std)
-        self.graph = graph
-        self.W = nn.Parameter(torch.ones(graph.n_edges))
+        self.graph, self.A_hat = graph, graph.normalized()
+        self.W = nn.Parameter(torch.ones(len(graph.col)))
         self.register_buffer("edge_mask", torch.ones(graph.n_edges))
         self.register_buffer("entry_mask", torch.ones_like(self.E0))
 
+    def to(self, device):
+        self.graph.to(device)
+        self.A_hat = self.A_hat.to(device)
+        return super().to(device)
+
+    def nonzero_mask(self):
+        """M_A per nonzero of Â: an interaction's mask on both directions, 1 on self-loops and A² links."""
+        e = self.graph.edge
+        return torch.where(e >= 0, self.edge_mask[e.clamp(min=0)], torch.ones_like(self.W))
+
     def adjacency(self):
-        # Â = norm(W ⊙ M_A ⊙ A) (+ self-loops of weight 1)
-        return self.graph.normalized(self.W.clamp(min=0) * self.edge_mask)
+        # Â ⊙ W ⊙ M_A
+        return self.graph.weighted(self.A_hat, self.W * self.nonzero_mask())
+
+    def E0_masked(self):
+        return self.E0 * self.entry_mask
 
     def forward(self):
-        return self.propagate(self.adjacency(), self.E0 * self.entry_mask).split([self.n_users, self.n_items])
+        return self.propagate(self.adjacency(), self.E0_masked()).split([self.n_users, self.n_items])
 
     def zero_pruned(self):
         """Keep pruned entries at exactly 0 after an optimizer step (Adam's moments could otherwise move them)."""
@@ -94,17 +122,16 @@ class PrunableLightGCN(LightGCN):
             self.E0.mul_(self.entry_mask)
 
     def restart(self):
-        """Start a round: surviving embeddings kept, kept edge weights back to 1."""
+        """Start a round: surviving embeddings kept, edge weights back to 1."""
         with torch.no_grad():
             self.zero_pruned()
             self.W.fill_(1.0)
 
 
 @torch.no_grad()
-def high_order(model, A_hat, start=2):
-    """ē = Σ_{l=start..L} Â^l E_0 of a trained LightGCN: the knowledge a shallow student cannot reach itself."""
-    E = model.E0
-    total = torch.zeros_like(E)
+def high_order(model, A_hat, E0, start=2):
+    """h = Σ_{l=start..L} Â^l E_0 of a trained model: the knowledge a shallow student cannot reach itself."""
+    E, total = E0, torch.zeros_like(E0)
     for l in range(1, model.n_layers + 1):
         E = A_hat @ E
         if l >= start:
@@ -122,34 +149,82 @@ def prediction_kd(E_user, E_item, T_user, T_item, u, i1, i2, tau):
     return F.binary_cross_entropy_with_logits(s / tau, torch.sigmoid(t / tau))
 
 
-def info_nce(E, T, idx, tau):
-    """−mean_v log softmax_w(cos(e_v, t_w) / τ)_v for v in idx, w over all rows of T."""
-    logits = F.normalize(E[idx], dim=-1) @ F.normalize(T, dim=-1).T / tau     # (B, N)
+def info_nce(H, E, idx, tau):
+    """−mean_v log softmax_w(cos(h_v, e_w) / τ)_v for v in idx: the tutor's h_v is the anchor, every row of the
+    model's E (the same node type) is in the denominator."""
+    logits = F.normalize(H[idx], dim=-1) @ F.normalize(E, dim=-1).T / tau     # (B, N)
     return F.cross_entropy(logits, idx)
 
 
-def embedding_kd(E_user, E_item, T_user, T_item, users, items, tau):
-    """(2) InfoNCE between the student's final and the teacher's high-order embeddings, users and items."""
-    return info_nce(E_user, T_user, users, tau) + info_nce(E_item, T_item, items, tau)
+def embedding_kd(E_user, E_item, H_user, H_item, users, items, tau):
+    """(2) InfoNCE from the tutor's high-order embeddings to the model's final ones, users and items."""
+    return info_nce(H_user, E_user, users, tau) + info_nce(H_item, E_item, items, tau)
 
 
 def uniformity(E_user, E_item, users, items, tau):
-    """(3) mean_u log Σ_i exp(ê_u·ê_i/τ) + mean_i log Σ_u exp(ê_i·ê_u/τ): spreads users away from items at large."""
-    U, I = F.normalize(E_user, dim=-1), F.normalize(E_item, dim=-1)
-    return (torch.logsumexp(U[users] @ I.T / tau, 1).mean()
-            + torch.logsumexp(I[items] @ U.T / tau, 1).mean())
+    """(3) the four log-sum-exp terms on raw dot products: batch users vs all items and all users, batch items
+    vs all users and all items."""
+    U, I = E_user[users], E_item[items]
+    return sum(torch.logsumexp(a @ B.T / tau, 1).mean() for a, B in ((U, E_item), (I, E_user), (U, E_user), (I, E_item)))
+
+
+def subspace_uniformity(E_user, E_item, M_user, M_item, users, items, loosen, tau):
+    """(3') each anchor's soft target: the nodes whose kept entries overlap its own (and theirs) in all but
+    `loosen` places; cross-entropy of the dot-product softmax against that (unnormalised) target."""
+    total = 0.0
+    for E_a, M_a, idx, E_b, M_b in ((E_user, M_user, users, E_item, M_item), (E_item, M_item, items, E_user, M_user),
+                                    (E_user, M_user, users, E_user, M_user), (E_item, M_item, items, E_item, M_item)):
+        overlap = M_a[idx] @ M_b.T                                                        # (B, N)
+        y = ((overlap >= M_a[idx].sum(1, keepdim=True) - loosen) & (overlap >= M_b.sum(1) - loosen)).float()
+        total = total - (y * F.log_softmax(E_a[idx] @ E_b.T / tau, 1)).sum(1).mean()
+    return total
+
+
+def sample_nodes(idx, max_nodes, generator=None):
+    """At most max_nodes distinct ids of idx, drawn uniformly (every kind of node in idx can enter)."""
+    uniq = torch.unique(idx)
+    if len(uniq) <= max_nodes:
+        return uniq
+    return uniq[torch.randperm(len(uniq), generator=generator)[:max_nodes].to(uniq.device)].sort().values
+
+
+def distill_loss(model, E_user, E_item, tutor, tutor_high, u, i, j, triples, w, decay, generator=None, rnd=0):
+    """L for BPR triples (u, i, j) and random KD triples (u', i1, i2); w holds weights, temperatures and
+    kd_nodes. rnd: the student's pruning round (the subspace term is on in rounds 2..13; -1 = never)."""
+    E0_user, E0_item = model.E0_masked().split([model.n_users, model.n_items])
+    bpr, l2 = bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, decay)
+    users = sample_nodes(u, w["kd_nodes"], generator)
+    items = sample_nodes(torch.cat([i, j]), w["kd_nodes"], generator)
+    loss = bpr + l2
+    if w["pred"] > 0:
+        loss = loss + w["pred"] * prediction_kd(E_user, E_item, *tutor, *triples, w["tau"])
+    if w["emb"] > 0:
+        loss = loss + w["emb"] * embedding_kd(E_user, E_item, *tutor_high, users, items, w["emb_tau"])
+    if w["uni"] > 0:
+        loss = loss + w["uni"] * uniformity(E_user, E_item, users, items, w["uni_tau"])
+    if w["sub"] > 0 and 2 <= rnd <= 13:
+        M_user, M_item = model.entry_mask.split([model.n_users, model.n_items])
+        loosen = LOOSEN[rnd] if rnd < len(LOOSEN) else 0
+        loss = loss + w["sub"] * subspace_uniformity(E_user, E_item, M_user, M_item, users, items, loosen,
+                                                     w["uni_tau"])
+    return loss
 
 
 # ----------------------------------------------------------------------------- pruning
 
 @torch.no_grad()
-def edge_scores(student, mid_user, mid_item, mid_W, edges, beta1, beta2):
-    """(4) φ for the user-item edges (ids 0..E-1 in both graphs; the intermediate's A² links come after)."""
-    u, i = torch.as_tensor(edges, device=mid_user.device).T
-    E = len(u)
-    # φ(u,i) = [W_s(u,i) + β1 σ(e^m_u · e^m_i) + β2 W_m(u,i)] · M_A(u,i)
-    return (student.W[:E] + beta1 * torch.sigmoid((mid_user[u] * mid_item[i]).sum(-1))
-            + beta2 * mid_W[:E]) * student.edge_mask[:E]
+def edge_scores(student, mid, M_user, M_item, beta1, beta2):
+    """(4) φ per interaction of the student: the sum over its two directions (v,w) and (w,v)."""
+    g, gm = student.graph, mid.graph
+    real = g.edge >= 0
+    v, w = g.row[real], g.col[real]
+    E_mid = torch.cat([M_user, M_item])
+    # W_m at the same (v, w): look the pair up in the intermediate's CSR (its keys are sorted)
+    keys = gm.row * gm.n_nodes + gm.col
+    W_m = mid.W[torch.searchsorted(keys, v * gm.n_nodes + w)]
+    # φ(v,w) = [W_s(v,w) + β1 σ(e^m_v · e^m_w) + β2 W_m(v,w)] · M_A(v,w)
+    phi = student.W[real] + beta1 * torch.sigmoid((E_mid[v] * E_mid[w]).sum(-1)) + beta2 * W_m
+    return torch.zeros(g.n_edges, device=phi.device).index_add_(0, g.edge[real], phi) * student.edge_mask
 
 
 @torch.no_grad()
@@ -164,30 +239,96 @@ def prune_lowest(score, mask, rho):
 
 
 @torch.no_grad()
-def prune_round(student, scores, rho, rho_emb):
-    """One round of (5) on the student, in place, then restart: returns (edges kept, entries kept) fractions."""
-    E = len(scores)
-    student.edge_mask[:E] = prune_lowest(scores, student.edge_mask[:E], rho)
-    student.entry_mask.copy_(prune_lowest(student.E0.abs(), student.entry_mask, rho_emb))
+def prune_round(student, scores, rho, rho_emb, generator=None):
+    """One round of (5) on the student, in place, then restart: returns (edges kept, entries kept) fractions.
+    scores=None prunes at random (the control), edges and entries alike."""
+    if scores is None:
+        scores = torch.rand(student.graph.n_edges, generator=generator).to(student.E0.device)
+        entry_scores = torch.rand(student.E0.shape, generator=generator).to(student.E0.device)
+    else:
+        entry_scores = student.E0.abs()
+    student.edge_mask.copy_(prune_lowest(scores, student.edge_mask, rho))
+    student.entry_mask.copy_(prune_lowest(entry_scores, student.entry_mask, rho_emb))
     student.restart()
-    return student.edge_mask[:E].mean().item(), student.entry_mask.mean().item()
+    return student.edge_mask.mean().item(), student.entry_mask.mean().item()
 
 
 def propagation_cost(n_layers, graph, edge_mask=None):
-    """Nonzeros of Â (both directions of each kept edge, self-loops) × layers; × dim gives multiply-adds."""
+    """Nonzeros of Â (both directions of each kept interaction, A² links, self-loops) × layers; × dim gives the
+    multiply-adds of a forward pass."""
+    n_other = int((graph.edge < 0).sum().item())
     kept = graph.n_edges if edge_mask is None else int(edge_mask.sum().item())
-    loops = int((graph.edge < 0).sum().item())
-    return n_layers * (2 * kept + loops)
+    return n_layers * (2 * kept + n_other)
 
 
-def distill_loss(model, E_user, E_item, tutor, teacher_high, u, i, j, triples, w, decay, max_nodes=1024):
-    """L = L_BPR + λ_pred L_pred + λ_emb L_emb + λ_uni L_uni + L2 for BPR triples (u, i, j) and random KD
-    triples (u', i1, i2); w holds the weights and temperatures. (2) and (3) use at most max_nodes of the batch's
-    users and items (their cost is nodes × all nodes)."""
-    E0_user, E0_item = (model.E0 * model.entry_mask).split([model.n_users, model.n_items])
-    bpr, l2 = bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, decay)
-    users, items = torch.unique(u[:max_nodes]), torch.unique(torch.cat([i, j])[:max_nodes])
-    return (bpr + l2
-            + w["pred"] * prediction_kd(E_user, E_item, *tutor, *triples, w["tau"])
-            + w["emb"] * embedding_kd(E_user, E_item, *teacher_high, users, items, w["emb_tau"])
-            + w["uni"] * uniformity(E_user, E_item, users, items, w["uni_tau"]))
+# ----------------------------------------------------------------------------- the pipeline
+
+def run(data, hp, fit, report, device="cpu", teacher=None, mid_state=None):
+    """Teacher -> intermediate -> student pruning rounds.
+
+    data: n_users, n_items, train (E, 2). hp: the settings (train_rec's RecConfig: teacher_layers, mid_layers,
+    mid_topk, student_layers, rounds, rho, rho_emb, prune, beta1, beta2, kd_*, uni*, sub, dim, decay, epochs,
+    mid_epochs, round_epochs, seed). fit(stage, model, loss_fn, embed, epochs, after_step) trains `model` with
+    loss_fn(u, i, j), leaves it at its best-validation state and returns its training seconds. report(stage,
+    E_user, E_item, seconds, edges_kept, entries_kept, cost) records a row. teacher: an optional trained
+    (LightGCN, its Â, seconds); mid_state: an optional saved intermediate (state_dict, seconds)."""
+    n_users, n_items = data.n_users, data.n_items
+    gen = torch.Generator().manual_seed(hp.seed + 1)
+    w = {"pred": hp.kd_pred, "tau": hp.kd_tau, "emb": hp.kd_emb, "emb_tau": hp.kd_emb_tau, "uni": hp.uni,
+         "uni_tau": hp.uni_tau, "sub": hp.sub, "kd_nodes": hp.kd_nodes}
+
+    # teacher: deep LightGCN (layer sum) on norm(A + I), BPR + L2
+    if teacher is None:
+        torch.manual_seed(hp.seed)
+        A_t = Graph(n_users, n_items, data.train, True).normalized().to(device)
+        model = LightGCN(n_users, n_items, hp.dim, hp.teacher_layers, "sum").to(device)
+
+        def bpr(u, i, j):
+            return sum(bpr_loss(*model(A_t), *model.E0.split([n_users, n_items]), u, i, j, hp.decay))
+
+        teacher = (model, A_t, fit("teacher", model, bpr, lambda: model(A_t), hp.epochs, None))
+    model_t, A_t, t_seconds = teacher
+    model_t.requires_grad_(False)
+    T = model_t(A_t)
+    T_high = high_order(model_t, A_t, model_t.E0)
+    teacher_cost = model_t.n_layers * len(A_t.col_indices())
+    report("teacher", *T, t_seconds, 1.0, 1.0, 1.0)
+
+    def distill(stage, model, tutor, tutor_high, epochs, rnd=-1):
+        def loss_fn(u, i, j):
+            E_user, E_item = model()
+            # random triples (u', i1, i2) for the prediction-level KD
+            triples = [torch.randint(n, (hp.kd_triples,), generator=gen).to(device)
+                       for n in (n_users, n_items, n_items)]
+            return distill_loss(model, E_user, E_item, tutor, tutor_high, u, i, j, triples, w, hp.decay, gen, rnd)
+        return fit(stage, model, loss_fn, model, epochs, model.zero_pruned)
+
+    # intermediate: learnable weights on norm(I + A + A²), distilled from the teacher
+    torch.manual_seed(hp.seed)
+    g_mid, mass = augmented_graph(data.train, n_users, n_items, hp.mid_topk)
+    mid = PrunableLightGCN(g_mid, hp.dim, hp.mid_layers).to(device)
+    n_links = (len(g_mid.col) - 2 * len(data.train) - g_mid.n_nodes) // 2
+    print(f"intermediate graph: {n_links} A² links, {mass:.1%} of A²'s mass")
+    if mid_state is not None:
+        mid.load_state_dict(mid_state[0])
+        m_seconds = mid_state[1]
+    else:
+        m_seconds = distill("intermediate", mid, T, T_high, hp.mid_epochs)
+    mid.requires_grad_(False)
+    M = mid()
+    M_high = high_order(mid, mid.adjacency(), mid.E0_masked())
+    report("intermediate", *M, m_seconds, 1.0 + n_links / len(data.train), 1.0,
+           propagation_cost(hp.mid_layers, g_mid) / teacher_cost)
+
+    # student: 2 layers, edge weights + masks, distilled from the intermediate, pruned after every round
+    student = PrunableLightGCN(Graph(n_users, n_items, data.train, True), hp.dim, hp.student_layers).to(device)
+    edges_kept = entries_kept = 1.0
+    for r in range(hp.rounds + 1):
+        if r > 0:
+            scores = None if hp.prune == "random" else edge_scores(student, mid, *M, hp.beta1, hp.beta2)
+            edges_kept, entries_kept = prune_round(student, scores, hp.rho, hp.rho_emb, gen)
+        seconds = distill(f"student_round{r}", student, M, M_high, hp.round_epochs, r)
+        with torch.no_grad():
+            report(f"student round {r}", *student(), seconds, edges_kept, entries_kept,
+                   propagation_cost(hp.student_layers, student.graph, student.edge_mask) / teacher_cost)
+    return student

@@ -23,8 +23,7 @@ import torch
 from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
                     pick_device, resume_from, run_main, save_atomic, write_json)
 from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir, load_movielens_zip
-from lightgnn import (PrunableLightGCN, distill_loss, edge_scores, high_order, propagation_cost, prune_round,
-                      two_hop_pairs)
+import lightgnn
 from unlearnrec import unlearn_pipeline
 
 ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
@@ -66,22 +65,25 @@ class RecConfig:
     intermediate: str = ""              # a saved intermediate (out_dir/intermediate/ckpt_best.pt) to reuse
     teacher_layers: int = 8
     mid_layers: int = 6
-    mid_topk: int = 10                  # 2-hop user-user / item-item links kept per node in the augmented graph
+    mid_topk: int = 10                  # A² links (largest path counts) kept per node in I + A + A²; 0 = all of A²
     mid_epochs: int = 30
     student_layers: int = 2
     rounds: int = 10                    # pruning rounds; (1-rho)^rounds of edges stay
     round_epochs: int = 10              # student epochs per round (the best-validation epoch is kept)
     rho: float = 0.15                   # share of kept edges pruned per round
     rho_emb: float = 0.2                # share of kept embedding entries pruned per round
-    beta1: float = 0.5                  # edge score weight of σ(intermediate's e_u · e_i)
-    beta2: float = 0.5                  # edge score weight of the intermediate's learned edge weight
+    prune: str = "learned"              # learned (edge scores φ, |embedding entries|) | random (the control)
+    beta1: float = 0.05                 # edge score weight of σ(intermediate's e_u · e_i)
+    beta2: float = 1.0                  # edge score weight of the intermediate's learned edge weight
     kd_pred: float = 1.0                # prediction-level KD weight, temperature
     kd_tau: float = 0.03
     kd_emb: float = 0.01                # embedding-level KD (InfoNCE) weight, temperature
     kd_emb_tau: float = 0.1
     uni: float = 1.0                    # uniformity weight, temperature
     uni_tau: float = 1.0
+    sub: float = 1e-4                   # subspace uniformity weight (student rounds 2..13)
     kd_nodes: int = 1024                # batch users / items in the embedding KD and uniformity (cost: × all nodes)
+    kd_triples: int = 100000            # random (u, i1, i2) triples of the prediction-level KD per step
     # unlearnrec (--method=unlearnrec): forget edges of a trained LightGCN (or MF)
     base: str = ""                      # the trained model (a train_rec lightgcn / mf checkpoint)
     forget: str = ""                    # file of `user item` lines | a fraction of training edges | adversarial
@@ -262,85 +264,40 @@ def train(cfg, data, device):
 
 
 def train_lightgnn_pipeline(cfg, data, device):
-    """LightGNN: teacher -> intermediate -> student pruning rounds (lightgnn.py). Each stage lives in a
-    subfolder of out_dir; --teacher / --intermediate reuse saved stages (checked against this data set)."""
+    """LightGNN (lightgnn.run): teacher -> intermediate -> student pruning rounds, each stage a `fit` run in its
+    own subfolder of out_dir; --teacher / --intermediate reuse saved stages (checked against this data set)."""
     t_start = time.time()
     os.makedirs(cfg.out_dir, exist_ok=True)
     rows = []
 
+    def stage_fit(stage, model, loss_fn, embed, epochs, after_step):
+        return fit(cfg, data, model, loss_fn, embed, os.path.join(cfg.out_dir, stage), epochs, after_step)[
+            "train_seconds"]
+
     def row(name, E_user, E_item, seconds, edges_kept, entries_kept, cost):
         val, test = report(cfg, data, E_user, E_item)
-        rows.append({"model": name, "edges_kept": edges_kept, "entries_kept": entries_kept, "cost": cost / teacher_cost,
+        rows.append({"model": name, "edges_kept": edges_kept, "entries_kept": entries_kept, "cost": cost,
                      "val": val, "test": test, "train_seconds": seconds})
-        print(f"== {name} | edges {edges_kept:.3f} | entries {entries_kept:.3f} | cost {cost / teacher_cost:.3f} "
+        print(f"== {name} | edges {edges_kept:.3f} | entries {entries_kept:.3f} | cost {cost:.3f} "
               f"| {metrics_line(val, test)} | {fmt_seconds(seconds)}")
         write_json(os.path.join(cfg.out_dir, "summary.json"), {"rounds": rows, "config": asdict(cfg)})
 
-    # teacher: deep LightGCN (layer sum) on norm(A + I)
-    t_cfg = replace(cfg, method="lightgcn", n_layers=cfg.teacher_layers, combine="sum", self_loops=True,
-                    graph_edges=1.0)
-    if cfg.teacher:
+    teacher = mid_state = None
+    if cfg.teacher:   # a plain train_rec run (its n_layers, self_loops) or the teacher stage of a lightgnn run
         ckpt = load_checkpoint(cfg.teacher, device)
         check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim",), cfg.teacher)
-        t_cfg = replace(t_cfg, **{k: ckpt["config"][k] for k in ("n_layers", "combine", "self_loops")})
-        teacher = LightGCN(data.n_users, data.n_items, cfg.dim, t_cfg.n_layers, t_cfg.combine).to(device)
-        teacher.load_state_dict(ckpt["model"])
-        t_seconds = ckpt["state"].get("train_seconds", float("nan"))
-        A_t = Graph(data.n_users, data.n_items, data.train, t_cfg.self_loops).normalized().to(device)
-    else:
-        teacher, A_t, state = train_lightgcn(t_cfg, data, device, os.path.join(cfg.out_dir, "teacher"))
-        t_seconds = state["train_seconds"]
-    teacher.requires_grad_(False)
-    T_user, T_item = teacher(A_t)
-    T_high = high_order(teacher, A_t)
-    teacher_cost = t_cfg.n_layers * len(A_t.col_indices())          # layers × nonzeros, as propagation_cost counts
-    row("teacher", T_user, T_item, t_seconds, 1.0, 1.0, teacher_cost)
-
-    weights = {"pred": cfg.kd_pred, "tau": cfg.kd_tau, "emb": cfg.kd_emb, "emb_tau": cfg.kd_emb_tau,
-               "uni": cfg.uni, "uni_tau": cfg.uni_tau}
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-
-    def distill(model, tutor, out_dir, epochs):
-        """Train `model` (a PrunableLightGCN) with (1)-(3) + BPR against the tutor's final embeddings."""
-        def loss_fn(u, i, j):
-            E_user, E_item = model()
-            # random triples (u, i1, i2) for the prediction-level KD, as many as the batch
-            triples = [torch.randint(n, u.shape, generator=gen).to(device)
-                       for n in (data.n_users, data.n_items, data.n_items)]
-            return distill_loss(model, E_user, E_item, tutor, T_high, u, i, j, triples, weights, cfg.decay,
-                                cfg.kd_nodes)
-        return fit(cfg, data, model, loss_fn, model, out_dir, epochs, after_step=model.zero_pruned)
-
-    # intermediate: learnable edge weights on norm(I + A + A²_top), distilled from the teacher
-    torch.manual_seed(cfg.seed)
-    extra = two_hop_pairs(data.train, data.n_users, data.n_items, cfg.mid_topk)
-    g_mid = Graph(data.n_users, data.n_items, data.train, True, extra).to(device)
-    mid = PrunableLightGCN(g_mid, cfg.dim, cfg.mid_layers).to(device)
+        c = ckpt["config"]
+        layers, combine, loops = ((c["teacher_layers"], "sum", True) if c["method"] == "lightgnn"
+                                  else (c["n_layers"], c["combine"], c["self_loops"]))
+        model = LightGCN(data.n_users, data.n_items, cfg.dim, layers, combine).to(device)
+        model.load_state_dict(ckpt["model"])
+        A_t = Graph(data.n_users, data.n_items, data.train, loops).normalized().to(device)
+        teacher = (model, A_t, ckpt["state"].get("train_seconds", float("nan")))
     if cfg.intermediate:
         ckpt = load_checkpoint(cfg.intermediate, device)
         check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim", "mid_layers", "mid_topk"), cfg.intermediate)
-        mid.load_state_dict(ckpt["model"])
-        m_seconds = ckpt["state"].get("train_seconds", float("nan"))
-    else:
-        m_seconds = distill(mid, (T_user, T_item), os.path.join(cfg.out_dir, "intermediate"),
-                            cfg.mid_epochs)["train_seconds"]
-    mid.requires_grad_(False)
-    M_user, M_item = mid()
-    row("intermediate", M_user, M_item, m_seconds, 1.0 + len(extra) / len(data.train), 1.0,
-        propagation_cost(cfg.mid_layers, g_mid))
-
-    # student: 2 layers, edge weights + masks, distilled from the intermediate, pruned after every round
-    g_s = Graph(data.n_users, data.n_items, data.train, True).to(device)
-    student = PrunableLightGCN(g_s, cfg.dim, cfg.student_layers).to(device)
-    edges_kept = entries_kept = 1.0
-    for r in range(cfg.rounds + 1):
-        if r > 0:
-            scores = edge_scores(student, M_user, M_item, mid.W, data.train, cfg.beta1, cfg.beta2)
-            edges_kept, entries_kept = prune_round(student, scores, cfg.rho, cfg.rho_emb)
-        state = distill(student, (M_user, M_item), os.path.join(cfg.out_dir, f"student_round{r}"), cfg.round_epochs)
-        with torch.no_grad():
-            row(f"student round {r}", *student(), state["train_seconds"], edges_kept, entries_kept,
-                propagation_cost(cfg.student_layers, g_s, student.edge_mask))
+        mid_state = (ckpt["model"], ckpt["state"].get("train_seconds", float("nan")))
+    lightgnn.run(data, cfg, stage_fit, row, device, teacher, mid_state)
     print(f"lightgnn pipeline done in {fmt_seconds(time.time() - t_start)}; table in {cfg.out_dir}/summary.json")
 
 
@@ -424,10 +381,12 @@ def main():
         cfg = replace(cfg, n_layers=0)              # matrix factorisation = LightGCN without propagation
     if not (0 <= cfg.rho < 1 and 0 <= cfg.rho_emb < 1) or cfg.rounds < 0 or cfg.mid_topk < 0:
         raise UserError("--rho and --rho_emb must be in [0, 1), --rounds and --mid_topk >= 0")
+    if cfg.prune not in ("learned", "random"):
+        raise UserError(f"--prune={cfg.prune} must be learned or random")
     if cfg.combine not in ("mean", "sum"):
         raise UserError(f"--combine={cfg.combine} must be mean or sum")
     for k in ("dim", "batch_size", "epochs", "topk", "eval_every", "patience", "eval_batch", "teacher_layers",
-              "mid_layers", "mid_epochs", "student_layers", "round_epochs", "kd_nodes", "align_pairs"):
+              "mid_layers", "mid_epochs", "student_layers", "round_epochs", "kd_nodes", "kd_triples", "align_pairs"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)} must be >= 1")
     if cfg.n_layers < 0 or not (0 <= cfg.val_frac < 1 and 0 <= cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
@@ -438,6 +397,9 @@ def main():
         raise UserError(f"--graph_edges={cfg.graph_edges} must be in (0, 1]")
     device = pick_device(cfg.device)
     data = load_data(cfg)
+    if len(data.val) == 0:
+        raise UserError(f"no validation interactions (--val_frac={cfg.val_frac}; a user gets floor(val_frac * "
+                        f"its training items)): early stopping and checkpoints need them; raise --val_frac")
     print(f"{cfg.dataset}: {data.n_users} users, {data.n_items} items, "
           f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test interactions")
     run = {"lightgcn": train, "lightgnn": train_lightgnn_pipeline, "unlearnrec": train_unlearnrec}[cfg.method]

@@ -32,16 +32,34 @@ def test_normalized_adjacency_equals_dense_formula(self_loops):
     torch.testing.assert_close(got, dense_adjacency(3, 4, EDGES, self_loops=self_loops), rtol=1e-6, atol=1e-7)
 
 
-def test_weighted_adjacency_and_its_gradient():
-    w = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.1, 1.5], dtype=torch.float64)
-    w1 = w.clone().float().requires_grad_()
-    w2 = w.clone().requires_grad_()
-    A = Graph(3, 4, EDGES).normalized(w1)
-    torch.testing.assert_close(A.to_dense().double(), dense_adjacency(3, 4, EDGES, w), rtol=1e-5, atol=1e-6)
-    E = torch.randn(7, 3, dtype=torch.float64)
-    (A @ E.float()).pow(2).sum().backward()
-    (dense_adjacency(3, 4, EDGES, w2) @ E).pow(2).sum().backward()
-    torch.testing.assert_close(w1.grad.double(), w2.grad, rtol=1e-4, atol=1e-5)
+def test_weighted_adjacency_is_the_fixed_normalised_one_times_the_weights():
+    # 3 users, 4 items (+ self-loops): Â stays norm(A + I) computed once; a weight per nonzero (each direction
+    # and each self-loop its own) multiplies its entry, so zeroing the weight of u0->i0 moves no other entry
+    g = Graph(3, 4, EDGES, self_loops=True)
+    A_hat = g.normalized()
+    fixed = dense_adjacency(3, 4, EDGES, self_loops=True)
+    w = torch.ones(len(g.col), dtype=torch.float64)
+    w[(g.row == 0) & (g.col == 3 + 0)] = 0.0
+    got = g.weighted(A_hat.to(torch.float64), w).to_dense()
+    expect = fixed.clone()
+    expect[0, 3] = 0.0
+    torch.testing.assert_close(got, expect)            # i0->u0 and u0's other entries (u0->i2) unchanged
+    # asymmetric weights: Â ⊙ W and its gradients (in W and in E) match the dense formula
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.rand(len(g.col), generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    E = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    W_dense = torch.zeros(7, 7, dtype=torch.float64)
+    W_dense[g.row, g.col] = w.detach()
+    A64 = A_hat.to(torch.float64)
+    torch.testing.assert_close(g.weighted(A64, w).to_dense(), fixed * W_dense)
+    target = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    ((g.weighted(A64, w) @ E) * target).sum().backward()
+    w2, E2 = w.detach().clone().requires_grad_(), E.detach().clone().requires_grad_()
+    Wd = torch.zeros(7, 7, dtype=torch.float64).index_put((g.row, g.col), w2)
+    (((fixed * Wd) @ E2) * target).sum().backward()
+    torch.testing.assert_close(w.grad, w2.grad)
+    torch.testing.assert_close(E.grad, E2.grad)
+    assert torch.autograd.gradcheck(lambda w, e: g.weighted(A64, w) @ e, (w.detach().requires_grad_(), E))
 
 
 @pytest.mark.parametrize("combine", ["mean", "sum"])
@@ -120,6 +138,22 @@ def test_training_items_are_masked_at_evaluation():
     assert evaluate(E_user, E_item, test, [train], k=2)["recall@2"] == 1.0
     assert evaluate(E_user, E_item, test, [], k=2)["recall@2"] == 0.0
     assert evaluate(E_user, E_item, test, [train, np.array([[0, 2]])], k=1)["recall@1"] == 1.0
+
+
+def test_held_out_splits_must_not_overlap_train_and_an_empty_split_is_a_clear_error(tmp_path):
+    (tmp_path / "train.txt").write_text("0 1 2 3\n1 0 2\n")
+    (tmp_path / "test.txt").write_text("0 4\n1 3 2\n")
+    with pytest.raises(DataError, match=r"test.txt:2: user 1 item 2 is also in train.txt"):
+        load_lightgcn_dir(str(tmp_path))
+    (tmp_path / "test.txt").write_text("0 4\n1 3\n")
+    (tmp_path / "val.txt").write_text("1 1\n0 1\n")
+    with pytest.raises(DataError, match=r"val.txt:2: user 0 item 1 is also in train.txt"):
+        load_lightgcn_dir(str(tmp_path))
+    (tmp_path / "val.txt").unlink()
+    data = load_lightgcn_dir(str(tmp_path), val_frac=0.0)        # no validation split: empty, no crash
+    assert len(data.val) == 0 and len(data.train) == 5 and data.n_items == 5
+    with pytest.raises(DataError, match="nothing to evaluate"):
+        evaluate(torch.ones(2, 3), torch.ones(5, 3), data.val, [data.train])
 
 
 @pytest.mark.parametrize("content, message", [
