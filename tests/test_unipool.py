@@ -139,7 +139,7 @@ def test_moe_output_equals_naive_per_token_loop(router, k):
         for g, e in zip(r.gates[t], r.indices[t]):
             expect[t] += g * ((F.silu(h @ p.w1[e]) * (h @ p.w3[e])) @ p.w2[e])
     torch.testing.assert_close(y.reshape(-1, 6), expect, rtol=1e-5, atol=1e-6)
-    assert aux["counts"].tolist() == torch.bincount(r.indices.flatten(), minlength=5).tolist()
+    assert aux["counts"].tolist() == torch.bincount(r.indices[r.gates > 0], minlength=5).tolist()
 
 
 def test_grouped_mm_and_sorting_with_empty_experts():
@@ -176,3 +176,80 @@ def test_random_routing_probe_changes_only_the_chosen_layer():
     after = [l(x)[1]["counts"] for l in layers]
     assert torch.equal(before[0], during[0]) and not torch.equal(before[1], during[1])
     assert torch.equal(before[1], after[1])  # restored
+
+
+# ----------------------------------------------------------------------------- precision, dispatch, calibration
+
+@pytest.mark.parametrize("make", [lambda: NormRouter(16, 8, 2), lambda: SoftmaxRouter(16, 8, 2)])
+def test_routing_runs_in_fp32_under_autocast(make):
+    torch.manual_seed(0)
+    router = make()
+    h = torch.randn(64, 16)
+    expect = router(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(h)
+    for a, b in zip(got, expect):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    z = (h.double() @ router.W.weight.double().T).float()
+    torch.testing.assert_close(got.logits, z, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_gate_assignments_are_not_dispatched_nor_counted():
+    torch.manual_seed(0)
+    layer = build_moe_layers("unipool", 1, 6, 8, n_experts=8, top_k=2, router="norm")[0]
+    x = torch.randn(1, 40, 6)
+    with torch.no_grad():  # experts 0 and 1 see x_0 and x_1; experts 2..7 get negative logits for every token
+        layer.router.W.weight.fill_(-1.0)
+        layer.router.W.weight[:2] = torch.eye(6)[:2]
+        x = x.abs()
+        x[0, ::3, 0] *= -1  # every third token: one positive score only, so its second gate is zero
+    r = layer.router(x.view(-1, 6))
+    positive = r.gates > 0
+    assert 0 < (~positive).sum() < positive.numel()
+    y, aux = layer(x)
+    # counts hold only the positive-gate pairs
+    expect_counts = torch.bincount(r.indices[positive], minlength=8)
+    assert aux["counts"].tolist() == expect_counts.tolist()
+    # an expert that would return NaN is never run for a zero-gate pair (0 · NaN would poison the output)
+    p = layer.pool
+    with torch.no_grad():
+        for e in range(2, 8):
+            p.w2[e].fill_(float("nan"))
+    y, _ = layer(x)
+    expect = torch.zeros(40, 6)
+    for t, h in enumerate(x.view(-1, 6)):
+        for g, e in zip(r.gates[t], r.indices[t]):
+            if g > 0:
+                expect[t] += g * ((F.silu(h @ p.w1[e]) * (h @ p.w3[e])) @ p.w2[e])
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.view(-1, 6), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_all_negative_logits_dispatch_nothing():
+    layer = build_moe_layers("unipool", 1, 3, 8, n_experts=8, top_k=2, router="norm")[0]
+    with torch.no_grad():
+        layer.router.W.weight.fill_(-1.0)
+    _, aux = layer(torch.ones(1, 5, 3))
+    assert aux["counts"].sum() == 0
+
+
+@pytest.mark.parametrize("M, k, ref", [(96, 1, 4.016), (32, 4, 1.771), (16, 2, 1.918), (128, 1, 4.448)])
+def test_normrouter_scale_matches_paper_values(M, k, ref):
+    assert abs(normrouter_scale(M, k) / ref - 1) < 0.015
+
+
+@pytest.mark.parametrize("M, k", [(2, 1), (2, 2), (3, 1), (4, 1), (4, 2), (8, 1), (8, 2), (8, 8)])
+def test_normrouter_scale_finite_and_stable_across_seeds(M, k):
+    values = [normrouter_scale(M, k, seed=s) for s in range(4)]
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    mean = sum(values) / len(values)
+    assert all(abs(v / mean - 1) < 0.01 for v in values), values
+
+
+@pytest.mark.parametrize("make", [NormRouter, SoftmaxRouter])
+def test_top_k_beyond_the_experts_is_a_clear_error(make):
+    with pytest.raises(ValueError, match="top_k=5.*4 experts"):
+        make(8, 4, top_k=5)
+    with pytest.raises(ValueError, match="top_k"):
+        make(8, 4, top_k=0)
