@@ -65,7 +65,7 @@ class TrainConfig:
     pool_size: int = 0                  # unipool: experts in all pools together; 0 = n_experts * n_layer
     pool_groups: int = 1                # unipool: pools, each shared by n_layer / pool_groups adjacent layers
     top_k: int = 1
-    router: str = "auto"                # softmax | norm | mixtral (top-k gates renormalised); auto = softmax for moe, norm for unipool
+    router: str = "auto"                # softmax | norm | mixtral; auto = softmax for moe, norm for unipool
     expert_split: int = 1               # fine-grained experts: m times narrower, m times as many, top m*k
     n_shared: int = 0                   # always-on experts per layer beside the routed ones (DeepSeekMoE)
     bias_rate: float = 0.0              # aux-loss-free balancing: bias step per iteration (DeepSeek-V3: 1e-3); 0 = off

@@ -30,16 +30,17 @@ there): their output and input gradient are zero and they cost no matmul. The Tr
 group E whose programs skip the K loop and store zeros.
 
 Inputs may be fp32, fp16 or bf16; accumulation is fp32, outputs take the input dtype. Under autocast every
-backend first casts x and w to the autocast dtype, as torch does for a plain x @ w, so the backends train alike. On GPUs with tensor cores
-tl.dot runs fp32 inputs in TF32 (as torch does with allow_tf32). Under TRITON_INTERPRET=1 (CPU) fp32 and fp16
-are exact but bf16 is not supported correctly: test bf16 on a GPU only.
+backend first casts x and w to the autocast dtype, as torch does for a plain x @ w, so the backends train
+alike. On GPUs with tensor cores tl.dot runs fp32 inputs in TF32 (as torch does with allow_tf32). Under
+TRITON_INTERPRET=1 (CPU) fp32 and fp16 are exact but bf16 is not supported correctly: test bf16 on a GPU only.
 
 On the CPU the per-expert loop already runs the same matmuls as a dense layer; what it adds is the cat of the
-outputs and the stack of the weight gradients. torch._grouped_mm (a CPU implementation exists since torch 2.9)
-writes every expert's rows straight into one output, forward and backward: it is the CPU fast path when the
-shapes allow it (fp32/fp16/bf16, rows 16-byte aligned), the per-expert loop otherwise. A capacity-padded bmm
-(every expert padded to the largest expert's rows) was 11-15 % slower at T = 4096, E = 16: it multiplies the
-padding and copies the rows twice more.
+outputs and the stack of the weight gradients. torch._grouped_mm (it has a CPU implementation in the torch
+2.13 build used here) writes every expert's rows straight into one output, forward and backward: it is the CPU
+fast path when the shapes allow it (fp32/fp16/bf16, rows 16-byte aligned), the per-expert loop otherwise
+(7-11 % slower at T = 4096, d = 256, E = 16). A capacity-padded bmm (every expert padded to the largest
+expert's rows) was 11-15 % slower than torch._grouped_mm there: it multiplies the padding and copies the rows
+twice more.
 
 Backend (kernels/__init__.py): auto = Triton for CUDA tensors, torch._grouped_mm elsewhere; triton; torch =
 the per-expert reference.
@@ -90,8 +91,11 @@ class TorchGroupedMM(torch.autograd.Function):
         x, w, ends = ctx.saved_tensors
         dy = dy[:ctx.n].contiguous()
         # dx[rows of e] = dy[rows of e] @ w[e]ᵀ;   dw[e] = x[rows of e]ᵀ @ dy[rows of e]
-        dx = _pad_rows(torch._grouped_mm(dy, w.transpose(1, 2), offs=ends), x.shape[0]) if ctx.needs_input_grad[0] else None
-        dw = torch._grouped_mm(x[:ctx.n].t(), dy, offs=ends) if ctx.needs_input_grad[1] else None
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _pad_rows(torch._grouped_mm(dy, w.transpose(1, 2), offs=ends), x.shape[0])
+        if ctx.needs_input_grad[1]:
+            dw = torch._grouped_mm(x[:ctx.n].t(), dy, offs=ends)
         return dx, dw, None
 
 

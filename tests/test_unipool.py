@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig
 from normrouter import NormRouter, SoftmaxRouter, normrouter_scale, router_z_loss
-from unipool import (MoE, ExpertPool, aux_losses, build_moe_layers, grouped_mm, pool_loss, random_routing, routing_stats,
-                     sort_by_expert, switch_loss)
+from unipool import (MoE, ExpertPool, aux_losses, build_moe_layers, grouped_mm, pool_loss, random_routing,
+                     routing_stats, sort_by_expert, switch_loss)
 
 
 def test_normrouter_equals_formula():
@@ -285,7 +285,8 @@ def test_pool_loss_with_pool_groups_uses_each_pools_own_layers():
     layers = build_moe_layers("unipool", 4, 8, 16, n_experts=1, pool_size=2 * M, pool_groups=2, router="norm")
     scores = leaf_scores(4, T, M, seed=1)
     counts = [torch.tensor(c) for c in ([4, 0, 0], [0, 4, 0], [1, 1, 2], [2, 2, 0])]
-    loss = aux_losses(layers, {"scores": scores, "counts": counts, "logits": [torch.zeros(T, M)] * 4}, "pool", alpha, 0.0)
+    aux = {"scores": scores, "counts": counts, "logits": [torch.zeros(T, M)] * 4}
+    loss = aux_losses(layers, aux, "pool", alpha, 0.0)
     expect = 0.0
     for pool in ((0, 1), (2, 3)):
         f_bar = torch.stack([counts[l].float() / T for l in pool]).mean(0)
@@ -304,7 +305,8 @@ def test_switch_loss_gradient_per_layer(top_k):
     layers = build_moe_layers("moe", 2, 8, 16, n_experts=E, top_k=top_k)
     scores = leaf_scores(2, T, E, seed=2)
     counts = [torch.tensor([6, 0, 0]) * top_k, torch.tensor([2, 2, 2]) * top_k]
-    loss = aux_losses(layers, {"scores": scores, "counts": counts, "logits": [torch.zeros(T, E)] * 2}, "switch", alpha, 0.0)
+    aux = {"scores": scores, "counts": counts, "logits": [torch.zeros(T, E)] * 2}
+    loss = aux_losses(layers, aux, "switch", alpha, 0.0)
     loss.backward()
     expect = 0.0
     for s, c in zip(scores, counts):
