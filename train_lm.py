@@ -31,13 +31,13 @@ from gpt import GPT, GPTConfig, ffn_hidden_size
 from kernels import set_backend
 from recall import RecallData, answer_accuracy, episode_length
 from sepllm import SEPARATORS, SparsePattern, fixed_interval_keep, is_separator, kept_fraction, separator_ids
-from unipool import MoE, aux_losses, build_moe_layers
+from unipool import MoE, aux_losses, build_moe_layers, routing_stats
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 GPT_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "rope_base", "tie_embeddings",
             "attn_score")
-MOE_KEYS = ("ffn", "n_experts", "pool_size", "pool_groups", "top_k", "router", "expert_split")
+MOE_KEYS = ("ffn", "n_experts", "pool_size", "pool_groups", "top_k", "router", "expert_split", "n_shared")
 MODEL_KEYS = ("dataset",) + GPT_KEYS + MOE_KEYS
 RECALL_KEYS = ("recall_pairs", "recall_queries", "recall_keys", "recall_values")
 
@@ -67,8 +67,10 @@ class TrainConfig:
     pool_size: int = 0                  # unipool: experts in all pools together; 0 = n_experts * n_layer
     pool_groups: int = 1                # unipool: pools, each shared by n_layer / pool_groups adjacent layers
     top_k: int = 1
-    router: str = "auto"                # softmax | norm; auto = softmax for moe, norm for unipool
+    router: str = "auto"                # softmax | norm | mixtral; auto = softmax for moe, norm for unipool
     expert_split: int = 1               # fine-grained experts: m times narrower, m times as many, top m*k
+    n_shared: int = 0                   # always-on experts per layer beside the routed ones (DeepSeekMoE)
+    bias_rate: float = 0.0              # aux-loss-free balancing: bias step per iteration (DeepSeek-V3: 1e-3); 0 = off
     aux_loss: str = "auto"              # switch (per layer) | pool | none; auto = switch for moe, pool for unipool
     aux_coef: float = 0.01
     zloss_coef: float = 0.0
@@ -331,7 +333,7 @@ def build_model(cfg, vocab_size):
     router = cfg.router if cfg.router != "auto" else ("softmax" if cfg.ffn == "moe" else "norm")
     return GPT(gcfg, build_moe_layers(cfg.ffn, cfg.n_layer, cfg.n_embd, ffn_hidden_size(gcfg), cfg.n_experts,
                                       cfg.pool_size, cfg.pool_groups, cfg.top_k, router, cfg.expert_split,
-                                      cfg.init_std))
+                                      cfg.init_std, cfg.n_shared))
 
 
 def moe_layers(model):
@@ -455,6 +457,7 @@ def train(cfg):
         t_step = time.perf_counter()
         x, y = get_batch(data["train"], cfg.batch_size * cfg.grad_accum * world, cfg.block_size, gen)
         loss_sum = aux_sum = 0.0
+        step_counts = [0] * len(layers)  # tokens per expert this step, per layer (the balancing bias reads it)
         for micro in range(cfg.grad_accum):
             first = (rank * cfg.grad_accum + micro) * cfg.batch_size
             rows = slice(first, first + cfg.batch_size)
@@ -464,25 +467,39 @@ def train(cfg):
                 out = model(xb, y[rows].to(device), attn_mask=make_masks(cfg, cfg.attn_mask, xb, sep_ids))
                 aux = aux_losses(layers, out.aux, aux_kind, cfg.aux_coef, cfg.zloss_coef) if layers else 0.0
             ((out.loss + aux) / cfg.grad_accum).backward()
-            loss_sum += out.loss.item() / cfg.grad_accum
-            aux_sum += float(aux.detach() if torch.is_tensor(aux) else aux) / cfg.grad_accum
+            # summed as tensors and read once per log line: .item() on a GPU waits for the whole step
+            loss_sum += out.loss.detach() / cfg.grad_accum
+            aux_sum += (aux.detach() if torch.is_tensor(aux) else aux) / cfg.grad_accum
+            step_counts = [a + c for a, c in zip(step_counts, out.aux.get("counts", []))]
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cfg.bias_rate > 0:
+            for layer, c in zip(layers, step_counts):
+                if ddp:
+                    dist.all_reduce(c)
+                layer.router.update_bias(c, cfg.bias_rate)
         step_s = time.perf_counter() - t_step
         train_s, log_s, log_iters = train_s + step_s, log_s + step_s, log_iters + 1
         if master and ((it + 1) % cfg.log_interval == 0 or it == start_iter):
             dt = log_s / log_iters                                 # seconds per training step since the last line
             log_s, log_iters = 0.0, 0
+            loss_sum, aux_sum = float(loss_sum), float(aux_sum)
             evals_left = (cfg.max_iters - 1) // cfg.eval_interval - it // cfg.eval_interval + 1  # + the final one
             eta = (cfg.max_iters - it - 1) * train_s / (it + 1 - start_iter) + evals_left * eval_s / max(n_evals, 1)
-            aux_note = f" (aux {aux_sum:.4f})" if layers else ""
+            aux_note = ""
+            if layers:  # routing of the last micro-batch: load balance per layer, dead experts, dropped pairs
+                load = routing_stats(layers, out.aux)
+                aux_note = (f" (aux {aux_sum:.4f}) | load cv {max(load['load_cv']):.2f} max, dead "
+                            f"{sum(load['dead_experts'])}, dropped {100 * max(load['dropped']):.1f}% max, coverage "
+                            f"{100 * min(load['pool_coverage']):.0f}%")
             print(f"iter {it + 1} | loss {loss_sum:.4f}{aux_note} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                   f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_seconds(eta)}")
             record = {"iter": it + 1, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr, "ms_per_iter": dt * 1000}
-            if layers:  # tokens per expert in each layer (last micro-batch): how balanced the routing is
+            if layers:  # tokens per expert in each layer (last micro-batch) and the statistics above, per layer
                 record["expert_counts"] = [c.tolist() for c in out.aux["counts"]]
+                record.update(load)
             append_jsonl(metrics_path, record)
 
     if master:
@@ -538,7 +555,7 @@ def main():
     for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "block_size"):
         if getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
-    choices = {"ffn": ("dense", "moe", "unipool"), "router": ("auto", "softmax", "norm"),
+    choices = {"ffn": ("dense", "moe", "unipool"), "router": ("auto", "softmax", "norm", "mixtral"),
                "aux_loss": ("auto", "switch", "pool", "none"), "attn_mask": ("full", "sepllm", "streaming", "fixed"),
                "recall_targets": ("all", "answers")}
     for key, allowed in choices.items():
@@ -548,6 +565,10 @@ def main():
     check_sparse_windows(cfg, cfg.attn_mask)
     if cfg.resume and cfg.init_from:
         raise UserError("--resume continues this run; --init_from starts a new one from another's weights: pick one")
+    if cfg.ffn == "dense" and (cfg.n_shared or cfg.bias_rate):
+        raise UserError("--n_shared and --bias_rate act on experts: use them with --ffn=moe or --ffn=unipool")
+    if cfg.bias_rate < 0:
+        raise UserError(f"--bias_rate={cfg.bias_rate} must be >= 0 (0 = off)")
     if cfg.attn_mask != "full" and cfg.dropout > 0:
         raise UserError("--dropout must be 0 with a sparse --attn_mask (the sparse kernels have no attention dropout)")
     try:

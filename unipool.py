@@ -19,9 +19,15 @@ Variants: grouped pools (every G adjacent layers share a pool), reduced pools (M
 (each expert split m ways: hidden/m wide, top m·k).
 
 Dispatch: the T·k (token, expert) assignments are sorted by expert so each expert multiplies one contiguous
-block of rows (a grouped matmul: kernels/moe.py, Triton on GPU); outputs are un-sorted with a gather and
-summed over k through a view, so the forward has no scatter-add with repeated indices. (The gather's backward
-adds each token's k rows: deterministic on the CPU, atomic adds on CUDA when k > 1.)
+block of rows (a grouped matmul: kernels/moe.py, Triton on GPU, torch._grouped_mm on CPU); pairs whose gate is
+exactly zero (NormRouter: fewer than k positive scores) sort last, past every expert: they are neither
+computed nor counted in the load. Outputs are un-sorted with a gather and summed over k through a view, so the
+forward has no scatter-add with repeated indices. (The gather's backward adds each token's k rows:
+deterministic on the CPU, atomic adds on CUDA when k > 1.)
+
+Shared experts (DeepSeekMoE, arXiv:2401.06066, --n_shared): n_s always-on experts beside the routed ones,
+FFN_l(x) = Σ_{s ≤ n_s} e^shared_{l,s}(x) + Σ_{i ∈ TopK} g_{l,i}(x) · e_i(x), one set per layer (held as one
+SwiGLU n_s times as wide, the same function).
 
 Choices: the auxiliary losses are summed over layers (Switch) and over pools (pool loss, one term per
 group of layers); f̄ comes from the current batch's detached counts; the routing probe keeps the learned
@@ -36,8 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.moe import grouped_mm
+from kernels.moe import expert_groups, grouped_mm
 from normrouter import NormRouter, RouterOutput, SoftmaxRouter, router_z_loss
+
+ROUTERS = ("softmax", "norm", "mixtral")
 
 
 class ExpertPool(nn.Module):
@@ -51,52 +59,74 @@ class ExpertPool(nn.Module):
         self.w2 = nn.Parameter(torch.randn(n_experts, hidden, dim) * out_std)
 
 
-def sort_by_expert(indices, n_experts):
-    """(T, k) expert indices -> order (T·k,) that sorts assignments by expert, and offsets (M+1,)."""
+def sort_by_expert(indices, n_experts, keep=None):
+    """(T, k) expert indices -> order (T·k,) that sorts assignments by expert, counts (M,), offsets (M+1,).
+    keep (T, k) bool: pairs to dispatch; the others sort after expert M-1 (past offsets[M]) and are not counted."""
     flat = indices.reshape(-1)                                                    # (T·k,)
+    if keep is not None:
+        flat = torch.where(keep.reshape(-1), flat, n_experts)                     # n_experts: "dropped"
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
     offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
     return order, counts, offsets
 
 
-class MoE(nn.Module):
-    """One MoE layer: its own router, and a reference to a pool that other layers may share."""
+class SharedExperts(nn.Module):
+    """n_s always-on SwiGLU experts of one layer, as one SwiGLU n_s times as wide."""
 
-    def __init__(self, router, pool):
+    def __init__(self, dim, hidden, init_std, out_std):
         super().__init__()
-        self.router, self.pool = router, pool
+        self.w1, self.w3 = (nn.Parameter(torch.randn(dim, hidden) * init_std) for _ in range(2))
+        self.w2 = nn.Parameter(torch.randn(hidden, dim) * out_std)
+
+    def forward(self, h):
+        return (F.silu(h @ self.w1) * (h @ self.w3)) @ self.w2
+
+
+class MoE(nn.Module):
+    """One MoE layer: its own router, a reference to a pool that other layers may share, optional shared experts."""
+
+    def __init__(self, router, pool, shared=None):
+        super().__init__()
+        self.router, self.pool, self.shared = router, pool, shared
 
     def forward(self, x):
         B, T, d = x.shape
         h = x.reshape(-1, d)                                                      # (N, d), N = B·T tokens
         r: RouterOutput = self.router(h)
         k = r.indices.shape[1]
-        order, counts, offsets = sort_by_expert(r.indices, self.pool.n_experts)
+        order, counts, offsets = sort_by_expert(r.indices, self.pool.n_experts, keep=r.gates > 0)
         # index_select, not h[idx]: its backward is an index_add, cheaper on the CPU than indexing's index_put
         xs = h.index_select(0, order // k)                                        # (N·k, d) rows sorted by expert
-        # e_i(x) = W2 (silu(W1 x) * W3 x), one grouped matmul per weight
-        a = F.silu(grouped_mm(xs, self.pool.w1, offsets)) * grouped_mm(xs, self.pool.w3, offsets)
-        ys = grouped_mm(a, self.pool.w2, offsets)                                 # (N·k, d)
-        inverse = torch.argsort(order)                                            # un-sort with a gather
+        groups = expert_groups(offsets, xs)                                       # once for the 3 matmuls
+        # e_i(x) = W2 (silu(W1 x) * W3 x), one grouped matmul per weight (rows of dropped pairs: zero)
+        a = F.silu(grouped_mm(xs, self.pool.w1, groups)) * grouped_mm(xs, self.pool.w3, groups)
+        ys = grouped_mm(a, self.pool.w2, groups)                                  # (N·k, d)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)            # un-sort with a gather
         y = ys.index_select(0, inverse).view(-1, k, d)                            # (N, k, d)
-        # FFN(x) = Σ_{i ∈ TopK} g_i(x) · e_i(x)
+        # FFN(x) = Σ_{i ∈ TopK} g_i(x) · e_i(x)   (+ Σ_s e^shared_s(x))
         y = (r.gates.to(y.dtype).unsqueeze(-1) * y).sum(1)                        # (N, d)
-        return y.view(B, T, d), {"scores": r.scores, "counts": counts, "logits": r.logits}
+        if self.shared is not None:
+            y = y + self.shared(h).to(y.dtype)
+        aux = {"scores": r.scores, "counts": counts, "logits": r.logits, "dropped": len(order) - offsets[-1]}
+        return y.view(B, T, d), aux
 
 
 def build_moe_layers(kind, n_layer, dim, hidden, n_experts=8, pool_size=0, pool_groups=1, top_k=1,
-                     router="softmax", expert_split=1, init_std=0.02):
+                     router="softmax", expert_split=1, init_std=0.02, n_shared=0):
     """The n_layer FFN modules of a MoE model. kind: "moe" (each layer owns n_experts) or "unipool" (pool_groups
     pools of pool_size experts in all, each shared by n_layer/pool_groups adjacent layers; pool_size 0 =
-    n_experts·n_layer, the vanilla budget). expert_split m: m-times narrower experts, m times as many, top m·k."""
+    n_experts·n_layer, the vanilla budget). expert_split m: m-times narrower experts, m times as many, top m·k.
+    router: softmax | norm | mixtral (softmax, then the k gates renormalised). n_shared: always-on experts per
+    layer (each as wide as a routed expert)."""
     m = expert_split
     if kind not in ("moe", "unipool"):
         raise ValueError(f"ffn kind must be moe or unipool, got {kind!r}")
-    if router not in ("softmax", "norm"):
-        raise ValueError(f"router must be softmax or norm, got {router!r}")
-    if min(n_experts, top_k, m, pool_groups) < 1 or pool_size < 0:
-        raise ValueError("n_experts, top_k, expert_split, pool_groups must be >= 1 and pool_size >= 0")
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {router!r}")
+    if min(n_experts, top_k, m, pool_groups) < 1 or pool_size < 0 or n_shared < 0:
+        raise ValueError("n_experts, top_k, expert_split, pool_groups must be >= 1, pool_size and n_shared >= 0")
     if hidden % m:
         raise ValueError(f"expert hidden size {hidden} is not divisible by expert_split={m}")
     if kind == "moe":  # one pool per layer
@@ -110,13 +140,16 @@ def build_moe_layers(kind, n_layer, dim, hidden, n_experts=8, pool_size=0, pool_
         n_pools, per_pool = pool_groups, total // pool_groups
     if top_k * m > per_pool:
         raise ValueError(f"top_k={top_k * m} (after expert_split) exceeds the {per_pool} experts a layer can reach")
-    pools = [ExpertPool(per_pool, dim, hidden // m, init_std, init_std / math.sqrt(2 * n_layer)) for _ in range(n_pools)]
-    make_router = NormRouter if router == "norm" else SoftmaxRouter
+    out_std = init_std / math.sqrt(2 * n_layer)
+    pools = [ExpertPool(per_pool, dim, hidden // m, init_std, out_std) for _ in range(n_pools)]
+    make_router = {"norm": NormRouter, "softmax": SoftmaxRouter,
+                   "mixtral": lambda *a: SoftmaxRouter(*a, renormalize=True)}[router]
     layers = []
     for l in range(n_layer):
         r = make_router(dim, per_pool, top_k * m)
         nn.init.normal_(r.W.weight, std=init_std)
-        layers.append(MoE(r, pools[l * n_pools // n_layer]))  # adjacent layers share a pool
+        shared = SharedExperts(dim, n_shared * hidden // m, init_std, out_std) if n_shared else None
+        layers.append(MoE(r, pools[l * n_pools // n_layer], shared))  # adjacent layers share a pool
     return layers
 
 
@@ -164,6 +197,21 @@ def aux_losses(model_layers, aux, loss_kind, aux_coef, zloss_coef):
     if zloss_coef:
         total = total + zloss_coef * sum(router_z_loss(z) for z in aux["logits"])
     return total
+
+
+def routing_stats(model_layers, aux):
+    """Load statistics of one forward, per layer: coefficient of variation of the expert load (std / mean of
+    the counts, 0 = perfectly balanced), dead experts (no token), the share of (token, expert) pairs dropped for
+    a zero gate; per pool: its coverage, the share of its experts that at least one of its layers used."""
+    cv, dead, dropped, used = [], [], [], {}
+    for layer, c, n_drop in zip(model_layers, aux["counts"], aux["dropped"]):
+        c = c.float()
+        cv.append((c.std(unbiased=False) / c.mean().clamp_min(1e-9)).item())
+        dead.append(int((c == 0).sum()))
+        dropped.append(float(n_drop) / max(1.0, c.sum().item() + float(n_drop)))
+        used[id(layer.pool)] = used.get(id(layer.pool), torch.zeros_like(c, dtype=torch.bool)) | (c > 0)
+    return {"load_cv": cv, "dead_experts": dead, "dropped": dropped,
+            "pool_coverage": [u.float().mean().item() for u in used.values()]}
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -1,20 +1,23 @@
 """
-Benchmarks of the MoE dispatch. Run on a quiet machine:
+Benchmarks of the MoE dispatch and the sparse attention. Run on a quiet machine:
 
-    python -m kernels.bench
+    python -m kernels.bench                 # everything
+    python -m kernels.bench --part=moe      # 1, 2 and 4 (--part=attention: 3)
 
-1. (any device) One MoE layer, forward + backward: unipool.py's sorted dispatch (one grouped matmul per weight)
-   vs the naive loop that masks tokens per expert and scatter-adds them back (the Hugging Face Mixtral pattern,
-   with per-expert weight views so it pays no extra gradient allocations) vs a dense SwiGLU whose hidden size is
-   top_k times an expert's (the same active FLOPs).
+1. (any device) One MoE layer, forward + backward, at E = 16 and 64, top-1 and top-2: unipool.py's sorted
+   dispatch with the default backend (torch._grouped_mm on CPU, Triton on CUDA) and with the per-expert
+   reference (--kernels=torch), vs the naive loop that masks tokens per expert and scatter-adds them back (the
+   Hugging Face Mixtral pattern, with per-expert weight views so it pays no extra gradient allocations) vs a
+   dense SwiGLU whose hidden size is top_k times an expert's (the same active FLOPs). The variants run in turn,
+   round after round, and each gets the median of its rounds, so load on a shared machine hits them alike.
 2. (CUDA only) kernels/moe.py's grouped_mm, forward and forward + backward, at UniPool-like shapes: the Triton
    kernel vs the PyTorch per-expert loop vs one dense matmul of the same FLOPs, in TFLOP/s.
 3. SepLLM attention (kernels/attention.py), ~10 % separators, a = 3, w = 64: the (query, key) pairs each Triton
    pass computes (forward, dQ, dK/dV) against the pairs rule (1) keeps; then the time, on the CPU the gathering
    fast path vs dense SDPA with a boolean mask, on CUDA the Triton kernel vs FlexAttention with the same mask vs
    dense SDPA.
-
-    python -m kernels.bench --part=attention      # only the attention part (moe: only the MoE parts)
+4. (any device) A training iteration (forward, backward, clipping, AdamW) of the default train_lm.py model with
+   dense FFNs vs UniPool (--ffn=unipool --pool_size=32), alternating blocks of iterations.
 """
 import statistics
 import sys
@@ -24,20 +27,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
 from common import UserError, parse_flags, run_main
+from gpt import GPT, GPTConfig, ffn_hidden_size
 from kernels.attention import TritonSepAttention, fast_attention, pairs_computed
 from kernels.moe import GroupedMM, grouped_mm_reference
 from sepllm import keep_mask
-from unipool import build_moe_layers, sort_by_expert
+from unipool import aux_losses, build_moe_layers, sort_by_expert
 
 
 @dataclass
 class BenchConfig:
     tokens: int = 4096
     dim: int = 256
-    hidden: int = 704          # an expert's SwiGLU hidden size (8/3 d rounded up to 64)
-    n_experts: int = 16
+    hidden: int = 1024         # an expert's SwiGLU hidden size
+    experts: str = "16,64"     # the MoE layer table's expert counts
     reps: int = 10
+    iters: int = 200           # 4: training iterations of each model (blocks of 20, alternating)
     seed: int = 0
     part: str = "all"          # all | moe | attention
 
@@ -69,6 +75,84 @@ def median_ms(fn, reps):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
+
+
+def alternating_medians(fns, reps):
+    """{name: median ms}: one warm-up each, then reps rounds that run every fn once, in turn."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    return {name: 1000 * statistics.median(v) for name, v in times.items()}
+
+
+def with_backend(name, fn):
+    def run():
+        kernels.set_backend(name)
+        try:
+            fn()
+        finally:
+            kernels.set_backend("auto")
+    return run
+
+
+def moe_layer_bench(cfg):
+    fast = "Triton" if torch.cuda.is_available() else "torch._grouped_mm"
+    print(f"MoE layer, T={cfg.tokens}, d={cfg.dim}, expert hidden {cfg.hidden}, forward+backward, median of "
+          f"{cfg.reps} alternating rounds (ms), {torch.get_num_threads()} torch threads\n")
+    print(f"| E | top_k | sorted, {fast} | sorted, per-expert loop | mask loop | dense SwiGLU, same active FLOPs | "
+          f"mask loop / {fast} | {fast} / dense |\n|---|---|---|---|---|---|---|---|")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for E in (int(e) for e in cfg.experts.split(",")):
+        for k in (1, 2):
+            layer = build_moe_layers("moe", 1, cfg.dim, cfg.hidden, E, top_k=k, router="softmax")[0].to(device)
+            shapes = [(cfg.dim, k * cfg.hidden), (cfg.dim, k * cfg.hidden), (k * cfg.hidden, cfg.dim)]
+            dense = [(0.02 * torch.randn(s, device=device)).requires_grad_() for s in shapes]
+            x = torch.randn(1, cfg.tokens, cfg.dim, device=device, requires_grad=True)
+            y_sorted, _ = layer(x)
+            torch.testing.assert_close(y_sorted[0], mask_loop(layer, x[0]), rtol=1e-4, atol=1e-5)
+            sorted_step = lambda: layer(x)[0].sum().backward()
+            t = alternating_medians({
+                "fast": sorted_step, "reference": with_backend("torch", sorted_step),
+                "mask": lambda: mask_loop(layer, x[0]).sum().backward(),
+                "dense": lambda: ((F.silu(x @ dense[0]) * (x @ dense[1])) @ dense[2]).sum().backward()}, cfg.reps)
+            print(f"| {E} | {k} | {t['fast']:.1f} | {t['reference']:.1f} | {t['mask']:.1f} | {t['dense']:.1f} | "
+                  f"{t['mask'] / t['fast']:.2f}x | {t['fast'] / t['dense']:.2f}x |")
+
+
+def train_step_bench(cfg, block=20):
+    """ms per training iteration of train_lm.py's default model (batch 12 x 64 tokens), dense vs UniPool."""
+    gcfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def trainer(ffns):
+        model = GPT(gcfg, ffns)
+        opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
+
+        def step():
+            for _ in range(block):
+                x, y = torch.randint(0, 65, (2, 12, 64), generator=gen)
+                out = model(x, y)
+                (out.loss + (aux_losses(ffns, out.aux, "pool", 0.01, 0.0) if ffns else 0.0)).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return step
+
+    pool = build_moe_layers("unipool", 4, 128, ffn_hidden_size(gcfg), 8, 32, 1, 1, "norm")
+    t = alternating_medians({"dense": trainer(None), "unipool": trainer(pool)}, max(1, cfg.iters // block))
+    print(f"\nTraining iteration, train_lm.py's default model (4 layers, width 128, 768 tokens), median of "
+          f"{max(1, cfg.iters // block)} alternating blocks of {block}, {torch.get_num_threads()} torch threads\n\n"
+          f"| dense | UniPool, M = 32, NormRouter, pool loss | UniPool / dense |\n|---|---|---|\n"
+          f"| {t['dense'] / block:.1f} ms | {t['unipool'] / block:.1f} ms | {t['unipool'] / t['dense']:.2f}x |")
 
 
 def gpu_grouped_mm(reps):
@@ -149,44 +233,18 @@ def sepllm_attention_bench(reps, device, lengths=(1024, 4096, 8192)):
 
 def main():
     cfg = parse_flags(BenchConfig, sys.argv[1:])
-    torch.manual_seed(cfg.seed)
     if cfg.part not in ("all", "moe", "attention"):
         raise UserError(f"--part must be all, moe or attention, got {cfg.part!r}")
+    torch.manual_seed(cfg.seed)
     print(f"{torch.get_num_threads()} torch threads")
-    if cfg.part != "attention":
-        moe_bench(cfg)
-    if cfg.part != "moe":
+    if cfg.part in ("all", "moe"):
+        moe_layer_bench(cfg)
+        train_step_bench(cfg)
+        if torch.cuda.is_available():
+            print(f"\n{torch.cuda.get_device_name()}: grouped_mm, bf16, median of {cfg.reps}")
+            gpu_grouped_mm(cfg.reps)
+    if cfg.part in ("all", "attention"):
         sepllm_attention_bench(cfg.reps, "cuda" if torch.cuda.is_available() else "cpu")
-
-
-def moe_bench(cfg):
-    print(f"\nT={cfg.tokens}, d={cfg.dim}, expert hidden {cfg.hidden}, E={cfg.n_experts}, forward+backward, "
-          f"median of {cfg.reps}\n")
-    print("| top_k | sorted dispatch (ms) | mask loop (ms) | dense SwiGLU, same active FLOPs (ms) | "
-          "mask loop / sorted | sorted / dense |\n|---|---|---|---|---|---|")
-    for k in (1, 2):
-        layer = build_moe_layers("moe", 1, cfg.dim, cfg.hidden, cfg.n_experts, top_k=k, router="softmax")[0]
-        shapes = [(cfg.dim, k * cfg.hidden), (cfg.dim, k * cfg.hidden), (k * cfg.hidden, cfg.dim)]
-        dense = [(0.02 * torch.randn(s)).requires_grad_() for s in shapes]
-        x = torch.randn(1, cfg.tokens, cfg.dim, requires_grad=True)
-        y_sorted, _ = layer(x)
-        torch.testing.assert_close(y_sorted[0], mask_loop(layer, x[0]), rtol=1e-4, atol=1e-5)
-
-        def sorted_step():
-            layer(x)[0].sum().backward()
-
-        def loop_step():
-            mask_loop(layer, x[0]).sum().backward()
-
-        def dense_step():
-            ((F.silu(x @ dense[0]) * (x @ dense[1])) @ dense[2]).sum().backward()
-
-        t_sorted, t_loop, t_dense = (median_ms(f, cfg.reps) for f in (sorted_step, loop_step, dense_step))
-        print(f"| {k} | {t_sorted:.1f} | {t_loop:.1f} | {t_dense:.1f} | {t_loop / t_sorted:.2f}x | "
-              f"{t_sorted / t_dense:.2f}x |")
-    if torch.cuda.is_available():
-        print(f"\n{torch.cuda.get_device_name()}: grouped_mm, bf16, median of {cfg.reps}")
-        gpu_grouped_mm(cfg.reps)
 
 
 if __name__ == "__main__":

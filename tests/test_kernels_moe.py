@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import moe
-from kernels.moe import GroupedMM, block_schedule, grouped_mm_reference
+from kernels.moe import GroupedMM, TorchGroupedMM, block_schedule, grouped_mm_reference
 from unipool import build_moe_layers
 
 triton_missing = pytest.mark.skipif(moe.triton is None, reason="triton is not installed")
@@ -23,10 +23,15 @@ ROUTINGS = {
 
 
 def test_block_schedule_covers_each_expert_with_its_own_blocks():
+    # 103 rows for the experts, 5 dropped rows after them (group 5); the host-side bound is ceil(108/32) + 6 blocks
     offsets = offsets_of([0, 70, 1, 0, 32])
-    block_expert, block_start = block_schedule(offsets, block_m=32)
-    assert block_expert.tolist() == [1, 1, 1, 2, 4]
-    assert block_start.tolist() == [0, 32, 64, 70, 71]
+    block_expert, block_start, ext = block_schedule(offsets, 108, block_m=32)
+    assert ext.tolist() == offsets.tolist() + [108]
+    assert len(block_expert) == 4 + 6
+    assert block_expert.tolist()[:6] == [1, 1, 1, 2, 4, 5]
+    assert block_start.tolist()[:6] == [0, 32, 64, 70, 71, 103]
+    # the blocks past the real ones start after the last row: fully masked
+    assert all(s >= 108 for s in block_start.tolist()[6:])
 
 
 @triton_missing
@@ -83,3 +88,76 @@ def test_moe_layer_same_with_either_backend():
 def test_backend_names_are_checked():
     with pytest.raises(ValueError, match="auto, triton or torch"):
         kernels.set_backend("cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"] + (["triton"] if moe.triton is not None else []))
+def test_grouped_mm_follows_autocast_on_every_backend(backend):
+    # under autocast every backend computes in the autocast dtype, as a plain x @ w would (fp16: the interpreter
+    # cannot run bf16 Triton on the CPU)
+    g = torch.Generator().manual_seed(0)
+    offsets = offsets_of([5, 0, 11])
+    x = torch.randn(16, 32, generator=g, requires_grad=True)
+    w = torch.randn(3, 32, 16, generator=g, requires_grad=True)
+    expect = grouped_mm_reference(x.detach().half(), w.detach().half(), offsets)
+    kernels.set_backend(backend)
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = moe.grouped_mm(x, w, offsets)
+        y.float().sum().backward()
+    finally:
+        kernels.set_backend("auto")
+    assert y.dtype == torch.float16 and x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(y, expect, rtol=2e-3, atol=2e-3)
+
+
+def per_row_reference(x, w, counts):
+    """Row r of expert e: x[r] @ w[e], one row at a time in float64; rows past the experts: zero."""
+    e_of_row = [e for e, c in enumerate(counts) for _ in range(c)]
+    rows = [x[r].double() @ w[e].double() for r, e in enumerate(e_of_row)]
+    rows += [torch.zeros(w.shape[2], dtype=torch.float64)] * (x.shape[0] - len(e_of_row))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name", ROUTINGS)
+@pytest.mark.parametrize("tail", [0, 7])
+def test_every_backend_equals_a_row_by_row_product_with_dropped_rows_zero(name, tail):
+    counts = ROUTINGS[name]
+    g = torch.Generator().manual_seed(len(counts) + tail)
+    offsets = offsets_of(counts)
+    x = torch.randn(sum(counts) + tail, 40, generator=g, requires_grad=True)
+    w = torch.randn(len(counts), 40, 72, generator=g, requires_grad=True)
+    dy = torch.randn(x.shape[0], 72, generator=g)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    y64 = per_row_reference(x64, w64, counts)
+    y64.backward(dy.double())
+    fns = {"reference": grouped_mm_reference, "torch._grouped_mm": TorchGroupedMM.apply}
+    if moe.triton is not None:
+        fns["triton"] = GroupedMM.apply
+    for label, f in fns.items():
+        y = f(x, w, offsets)
+        dx, dw = torch.autograd.grad(y, (x, w), dy.expand_as(y))  # any gradient layout is accepted
+        for got, want in ((y, y64), (dx, x64.grad), (dw, w64.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4, msg=label)
+        assert torch.equal(y[sum(counts):], torch.zeros_like(y[sum(counts):])), label
+        assert torch.equal(dx[sum(counts):], torch.zeros_like(dx[sum(counts):])), label
+
+
+def test_unaligned_shapes_fall_back_to_the_reference():
+    # torch._grouped_mm needs 16-byte rows: K = 6 fp32 is not; the result must still be right
+    offsets = offsets_of([2, 3])
+    x, w = torch.randn(5, 6), torch.randn(2, 6, 3)
+    torch.testing.assert_close(moe.grouped_mm(x, w, offsets), per_row_reference(x, w, [2, 3]).float())
+
+
+@triton_missing
+def test_a_moe_layer_builds_its_block_schedule_once(monkeypatch):
+    calls = []
+    real = moe.block_schedule
+    monkeypatch.setattr(moe, "block_schedule", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = build_moe_layers("moe", 1, 16, 32, n_experts=4, top_k=2)[0]
+    kernels.set_backend("triton")
+    try:
+        layer(torch.randn(1, 9, 16, requires_grad=True))[0].sum().backward()
+    finally:
+        kernels.set_backend("auto")
+    assert len(calls) == 1
