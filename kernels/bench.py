@@ -63,20 +63,6 @@ def mask_loop(layer, x):
     return y
 
 
-def median_ms(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
 def alternating_medians(fns, reps):
     """{name: median ms}: one warm-up each, then reps rounds that run every fn once, in turn."""
     for fn in fns.values():
@@ -92,6 +78,10 @@ def alternating_medians(fns, reps):
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
     return {name: 1000 * statistics.median(v) for name, v in times.items()}
+
+
+def median_ms(fn, reps):
+    return alternating_medians({"fn": fn}, reps)["fn"]
 
 
 def with_backend(name, fn):
