@@ -3,8 +3,9 @@ Benchmark one LightGCN epoch on ml-1m (3 layers, dim 64, batch 2048): where the 
 way the reference PyTorch implementation does it (triples sampled one by one in a Python loop, and torch's
 generic sparse backward, which transposes Â at every step). Run it on a quiet machine:
 
-    python bench_rec.py --data_dir=../shared/data
+    python bench_rec.py --data_dir=DIR          # DIR/ml-1m/train.txt and test.txt, LightGCN's text format
 """
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -12,13 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import parse_flags, run_main
+from common import UserError, parse_flags, run_main
 from lightgcn import Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir
 
 
 @dataclass
 class BenchConfig:
-    data_dir: str = "../shared/data"
+    data_dir: str = ""                  # DIR holding <dataset>/train.txt and test.txt (LightGCN format)
     dataset: str = "ml-1m"
     dim: int = 64
     n_layers: int = 3
@@ -71,6 +72,9 @@ def timed(fn):
 
 def main():
     cfg = parse_flags(BenchConfig, sys.argv[1:])
+    if not os.path.exists(f"{cfg.data_dir}/{cfg.dataset}/train.txt"):
+        raise UserError(f"no {cfg.dataset}/train.txt under --data_dir={cfg.data_dir!r}: pass --data_dir=DIR, where "
+                        f"DIR/{cfg.dataset}/ holds train.txt and test.txt (LightGCN format)")
     data = load_lightgcn_dir(f"{cfg.data_dir}/{cfg.dataset}", seed=cfg.seed)
     E = len(data.train)
     A_hat = Graph(data.n_users, data.n_items, data.train).normalized()
