@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -93,7 +94,7 @@ class TrainConfig:
     # system
     device: str = "auto"                # auto = cuda -> mps -> cpu
     kernels: str = "auto"               # auto (Triton on CUDA) | triton | torch: kernels/ backends
-    compile: bool = False
+    compile: bool = False               # torch.compile: fuses RMSNorm, RoPE, SwiGLU (CPU: needs a C++ compiler)
     seed: int = 1337
     resume: bool = False                # continue from out_dir/ckpt_last.pt
     init_from: str = ""                 # a checkpoint whose weights start this run (fresh optimizer and schedule)
@@ -395,6 +396,9 @@ def train(cfg):
         os.remove(metrics_path)
     raw_model = model
     if cfg.compile:
+        if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+            raise UserError("--compile on the CPU needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX); "
+                            "install one or run without --compile")
         model = torch.compile(model)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)

@@ -350,3 +350,12 @@ def test_recall_dataset_trains_and_reports_answer_accuracy(tmp_path):
         assert r.returncode == 0 and says in r.stdout, (mode, r.stdout, r.stderr)
     r = run([f"--out_dir={out}", "--dataset=recall", "--block_size=64"], tmp_path)
     assert r.returncode == 2 and "--block_size=27" in r.stderr
+
+
+def test_compile_without_a_cpu_compiler_is_one_clear_error(data_dir, monkeypatch):
+    """torch.compile on the CPU builds C++: without a compiler the run stops before training, with the fix."""
+    monkeypatch.setattr(train_lm.shutil, "which", lambda name: None)
+    cfg = parse_flags(TrainConfig, [f"--data_dir={data_dir / 'data'}", f"--cache_dir={data_dir / 'cache'}",
+                                    f"--out_dir={data_dir / 'out'}", "--compile", "--device=cpu", *SMALL])
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler.*without --compile"):
+        train_lm.train(cfg)
