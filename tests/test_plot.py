@@ -112,10 +112,14 @@ def test_runs_are_labelled_by_the_flags_that_differ(tmp_path):
 
 
 def test_training_seconds_sum_the_progress_lines(tmp_path):
-    run = lm_run(tmp_path / "r", iters=(0, 10, 20), log_every=5, ms=20.0)
-    it, seconds, val, _ = plot.loss_curves(run)
-    # progress lines at iterations 1, 5, 10, 15, 20, each ms_per_iter the mean since the previous line
-    assert it.tolist() == [0, 10, 20] and seconds == pytest.approx([0.0, 0.2, 0.4]) and val[0] == 4.1
+    ev = lambda it, val: {"iter": it, "train_loss": 3.0, "val_loss": val}
+    step = lambda it, ms: {"iter": it, "loss": 3.0, "aux_loss": 0.0, "lr": 1e-3, "ms_per_iter": ms}
+    # progress lines at 1, 5, 10: the first times iteration 0 alone, then 4 and 5 iterations at their mean
+    records = [ev(0, 4.0), step(1, 100.0), ev(3, 3.5), step(5, 10.0), ev(10, 3.0), step(10, 20.0),
+               ev(10, 2.9)]                                  # a resumed run repeats an iteration: the last wins
+    it, seconds, val, _ = plot.loss_curves(write_run(tmp_path / "r", records))
+    assert it.tolist() == [0, 3, 10] and val.tolist() == [4.0, 3.5, 2.9]
+    assert seconds == pytest.approx([0.0, 0.1 + 2 * 0.01, 0.1 + 4 * 0.01 + 5 * 0.02])
 
 
 def test_routing_share_per_layer_and_grouped_pools(tmp_path):
