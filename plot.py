@@ -18,8 +18,8 @@ What each kind reads:
   the teacher as a horizontal line.
 - unlearning: scores.npz (up to 2000 scores per kind) and summary.json: per model of request --step, histograms of
   the scores of the forgotten edges, of the same users' held-out interactions and of never-seen pairs.
-Runs are labelled by the config keys that differ between the runs given (their summary.json "config"), else by
-folder name. matplotlib is the one extra package, imported when a figure is drawn; without it
+Runs are labelled by --labels=a,b,c, else by the config keys that differ between the runs given (their
+summary.json "config"; paths left out), else by folder name. matplotlib is the one extra package, imported when a figure is drawn; without it
 `python sepllm.py "Some text."` still prints the mask in the terminal.
 
 Every flag is a field of PlotConfig below, written --key=value.
@@ -34,7 +34,9 @@ import numpy as np
 from common import UserError, parse_flags, run_main
 from sepllm import demo_tokens, pattern_codes, rule_keep
 
-PATH_KEYS = ("out_dir", "data_dir", "cache_dir", "device", "resume")   # not a difference between two runs
+# where a run read or wrote, not what it did: never part of a label
+PATH_KEYS = ("out_dir", "data_dir", "cache_dir", "device", "resume", "init_from", "teacher", "intermediate", "base",
+             "encoder")
 RULE_NAMES = {"sepllm": "SepLLM", "streaming": "StreamingLLM", "fixed": "FixLLM (every 5th)"}
 MAX_MASK_TOKENS = 80
 
@@ -43,6 +45,7 @@ MAX_MASK_TOKENS = 80
 class PlotConfig:
     out: str = ""                       # the PNG to write
     dpi: int = 100
+    labels: str = ""                    # names of the runs, comma-separated, in order; "" = the flags that differ
     # mask
     text: str = "Separators, like these, close segments. A query keeps them; the rest fades!"
     rules: str = "sepllm,streaming,fixed"   # one panel each
@@ -99,8 +102,13 @@ def config_of(run):
     return read_json(path, "").get("config", {}) if os.path.exists(path) else {}
 
 
-def labels(runs):
-    """One label per run: the config keys whose values differ between the runs, else the folder name."""
+def labels(runs, given=""):
+    """One label per run: `given` (comma-separated), else the config keys whose values differ between the runs,
+    else the folder name."""
+    if given:
+        if len(given.split(",")) != len(runs):
+            raise UserError(f"--labels={given} names {len(given.split(','))} runs, but {len(runs)} were given")
+        return given.split(",")
     names = [os.path.basename(os.path.normpath(r)) for r in runs]
     configs = [config_of(r) for r in runs]
     if len(runs) < 2 or not all(configs):
@@ -135,7 +143,7 @@ def loss_curves(run):
 
 def draw_loss(plt, runs, cfg):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
-    for n, (run, label) in enumerate(zip(runs, labels(runs))):
+    for n, (run, label) in enumerate(zip(runs, labels(runs, cfg.labels))):
         it, seconds, val, train = loss_curves(run)
         for ax, x in ((axes[0], it), (axes[1], seconds)):
             ax.plot(x, val, color=f"C{n}", label=label)
@@ -171,7 +179,7 @@ def routing_share(run):
 
 def draw_routing(plt, runs, cfg):
     fig, axes = plt.subplots(1, len(runs), figsize=(1 + 4.5 * len(runs), 3.8), squeeze=False, layout="constrained")
-    for ax, run, label in zip(axes[0], runs, labels(runs)):
+    for ax, run, label in zip(axes[0], runs, labels(runs, cfg.labels)):
         share = routing_share(run)
         im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.05)
@@ -229,7 +237,7 @@ def draw_pruning(plt, runs, cfg):
         raise UserError(f"--split={cfg.split} must be test or val")
     fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
     teachers = {}
-    for n, (run, label) in enumerate(zip(runs, labels(runs))):
+    for n, (run, label) in enumerate(zip(runs, labels(runs, cfg.labels))):
         rows = read_json(os.path.join(run, "summary.json"),
                          "plot.py pruning needs a train_rec.py --method=lightgnn run").get("rounds")
         students = [r for r in rows or [] if r["model"].startswith("student")]
@@ -272,7 +280,7 @@ def draw_unlearning(plt, runs, cfg):
     cols = max(map(len, panels))
     fig, axes = plt.subplots(len(runs), cols, figsize=(3.2 * cols, 2.8 * len(runs) + 0.4), squeeze=False,
                              layout="constrained")
-    for ax_row, row_panels, label in zip(axes, panels, labels(runs)):
+    for ax_row, row_panels, label in zip(axes, panels, labels(runs, cfg.labels)):
         every = np.concatenate([s for _, scores in row_panels for s in scores.values()])
         bins = np.linspace(every.min(), every.max(), 40)     # one scale per run, so the models compare
         for ax, (r, scores) in zip(ax_row, row_panels):

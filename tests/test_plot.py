@@ -109,6 +109,11 @@ def test_runs_are_labelled_by_the_flags_that_differ(tmp_path):
     runs = [lightgnn_run(tmp_path / "lg"), lightgnn_run(tmp_path / "nokd", kd_pred=0.0, kd_emb=0.0)]
     assert plot.labels(runs) == ["kd_emb=0.01 kd_pred=1.0", "kd_emb=0.0 kd_pred=0.0"]
     assert plot.labels(runs[:1]) == ["lg"]                    # one run: its folder
+    reuse = lightgnn_run(tmp_path / "reuse", prune="random", teacher="lg/teacher/ckpt_best.pt")
+    assert plot.labels([runs[0], reuse]) == ["prune=learned", "prune=random"]      # paths are no difference
+    assert plot.labels(runs, "LightGNN,no distillation") == ["LightGNN", "no distillation"]
+    with pytest.raises(UserError, match="names 1 runs, but 2 were given"):
+        plot.labels(runs, "LightGNN")
 
 
 def test_training_seconds_sum_the_progress_lines(tmp_path):
