@@ -228,7 +228,7 @@ def draw_mask(plt, runs, cfg):
     fig.legend([Patch(color=c) for c in colors[1:]],
                ["dropped", "local window", "sink or separator (FixLLM: every 5th)"], loc="outside lower center", ncol=3,
                fontsize=8, frameon=False)
-    fig.suptitle(f"rule (1) with a = {cfg.n_init} sinks, w = {cfg.n_local} window ({cfg.tokenizer} tokens)")
+    fig.suptitle(f"rule (1) with a = {cfg.n_init} sinks and a window of w = {cfg.n_local}")
     return fig
 
 

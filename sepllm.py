@@ -246,6 +246,6 @@ if __name__ == "__main__":
     if args.n_init < 0 or args.n_local < 1:
         p.error("--n_init must be >= 0 and --n_local >= 1")
     tokens, is_sep = demo_tokens(args.text, args.tokenizer)
-    print(f"{args.rule}, a={args.n_init}, w={args.n_local}, {args.tokenizer} tokens: rows are queries, columns keys; "
+    print(f"{args.rule}, a={args.n_init}, w={args.n_local}: rows are queries, columns keys; "
           f"'#' sink or separator, 'o' local window, '.' dropped")
     print(pattern_text(tokens, pattern_codes(rule_keep(args.rule, is_sep), args.n_init, args.n_local)))
