@@ -26,6 +26,8 @@ prefill) attends to the cache and, among its own tokens, by rule (1), so the pre
 happens before a new chunk is appended, so the size is ≤ c after every one-token step.
 
 Train it:  python train_lm.py --dataset=shakespeare --attn_mask=sepllm --n_init=3 --n_local=64 --block_size=256
+See it:    python sepllm.py "Separators, like these, close segments. A query keeps them!" [--rule=streaming|fixed]
+           (the kept (query, key) pairs in the terminal; plot.py mask draws them)
 """
 from typing import NamedTuple
 
@@ -176,3 +178,74 @@ class SinkCache(SepCache):
         n = len(self)
         # [0:a] and the last c − a − T, so that the new tokens fill the cache to c
         return (self.stream_pos < self.a) | (torch.arange(n) >= n - max(self.c - self.a - T, 0))
+
+
+# ----------------------------------------------------------------------------- the pattern, to look at
+
+def pattern_codes(kept, n_init, n_local):
+    """Rule (1) for one sequence, per (query i, key j), as a code for pictures: kept (T,) bool -> (T, T) long,
+    3 = kept as a sink or separator (FixLLM: every k-th token), 2 = kept by the local window, 1 = dropped,
+    0 = a future key (j > i). codes >= 2 is keep_mask."""
+    T = kept.shape[0]
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    return torch.where(j > i, 0, torch.where((j < n_init) | kept[None, :], 3, torch.where(i - j < n_local, 2, 1)))
+
+
+def pattern_text(tokens, codes):
+    """The codes as characters, one row per query labelled by its token, keys in the same order left to right:
+    '#' sink or separator, 'o' local window, '.' dropped, blank for the future."""
+    labels = [f"{i:3d} {t!r:>12.12}" for i, t in enumerate(tokens)]
+    header = " " * 17 + "".join(str(j % 10) for j in range(len(tokens)))          # key index, last digit
+    return "\n".join([header] + [(lab + " " + "".join(" .o#"[c] for c in row)).rstrip()
+                                 for lab, row in zip(labels, codes.tolist())])
+
+
+def demo_tokens(text, tokenizer="gpt2"):
+    """A sentence -> (token strings, is-separator (T,) bool), for the pictures (this file's terminal print and
+    plot.py mask). gpt2: GPT-2 BPE (tiktoken r50k_base; imported here so the file itself needs torch only),
+    separators as in training (strings that encode to one token); char: characters; words: a regex split into
+    words (with their leading space, as GPT-2 does), punctuation and whitespace."""
+    import re
+    if tokenizer == "gpt2":
+        try:
+            import tiktoken
+            enc = tiktoken.get_encoding("r50k_base")
+        except Exception as e:  # not installed, or offline without its cached file
+            import sys
+            print(f"note: tiktoken's r50k_base is not available ({type(e).__name__}); split into words instead",
+                  file=sys.stderr)
+            tokenizer = "words"
+        else:
+            ids = torch.tensor(enc.encode_ordinary(text), dtype=torch.long)
+            return [enc.decode([i]) for i in ids.tolist()], is_separator(ids[None], separator_ids(enc))[0]
+    if tokenizer not in ("char", "words"):
+        raise ValueError(f"tokenizer must be gpt2, char or words, got {tokenizer!r}")
+    tokens = list(text) if tokenizer == "char" else re.findall(r" ?\w+|[^\w\s]|\s", text)
+    return tokens, torch.tensor([t in SEPARATORS for t in tokens], dtype=torch.bool)
+
+
+def rule_keep(rule, is_sep, every=5):
+    """The keys kept beyond sinks and window: sepllm the separators, streaming none, fixed every k-th token."""
+    keep = {"sepllm": lambda: is_sep, "streaming": lambda: torch.zeros_like(is_sep),
+            "fixed": lambda: fixed_interval_keep(len(is_sep), every)}
+    if rule not in keep:
+        raise ValueError(f"rule must be sepllm, streaming or fixed, got {rule!r}")
+    return keep[rule]()
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Print the (query, key) pairs rule (1) keeps for a sentence.")
+    p.add_argument("text", nargs="?", default="Separators, like these, close segments. A query keeps them!")
+    p.add_argument("--rule", choices=("sepllm", "streaming", "fixed"), default="sepllm")
+    p.add_argument("--n_init", type=int, default=3, help="sink tokens a")
+    p.add_argument("--n_local", type=int, default=4, help="local window w (counting the query itself)")
+    p.add_argument("--tokenizer", choices=("gpt2", "char", "words"), default="gpt2")
+    args = p.parse_args()
+    if args.n_init < 0 or args.n_local < 1:
+        p.error("--n_init must be >= 0 and --n_local >= 1")
+    tokens, is_sep = demo_tokens(args.text, args.tokenizer)
+    print(f"{args.rule}, a={args.n_init}, w={args.n_local}: rows are queries, columns keys; "
+          f"'#' sink or separator, 'o' local window, '.' dropped")
+    print(pattern_text(tokens, pattern_codes(rule_keep(args.rule, is_sep), args.n_init, args.n_local)))

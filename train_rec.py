@@ -356,6 +356,12 @@ def train_unlearnrec(cfg, data, device):
         print(f"{K} request(s): retraining {fmt_seconds(total['retrained'])} vs UnlearnRec "
               f"{fmt_seconds(total['unlearnrec'])} fine-tuning ({times['speedup_finetune']:.1f}x), "
               f"{fmt_seconds(pre + total['unlearnrec'])} with pre-training ({times['speedup_amortised']:.1f}x)")
+    # the score samples of each step and model go to scores.npz (plot.py unlearning), the rest to summary.json
+    samples = {f"{k + 1}/{r['model']}/{kind}": s for k, step in enumerate(out["steps"]) for r in step["rows"]
+               for kind, s in r.pop("scores").items()}
+    with open(os.path.join(cfg.out_dir, "scores.npz.tmp"), "wb") as f:
+        np.savez(f, **samples)
+    os.replace(os.path.join(cfg.out_dir, "scores.npz.tmp"), os.path.join(cfg.out_dir, "scores.npz"))
     write_json(os.path.join(cfg.out_dir, "summary.json"),
                {"steps": out["steps"], "times": times, "config": asdict(cfg)})
 

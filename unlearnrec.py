@@ -230,16 +230,18 @@ def membership_auc(forgotten, s_forgotten, held_out, s_held_out):
 
 
 @torch.no_grad()
-def score_report(E_user, E_item, forgotten, held_out, negatives):
+def score_report(E_user, E_item, forgotten, held_out, negatives, n_sample=2000):
     """Scores of the forgotten edges, the same users' held-out interactions and random never-seen pairs (mean,
-    10/50/90 %), and the membership-inference AUC (forgotten vs held-out, per user)."""
+    10/50/90 %), and the membership-inference AUC (forgotten vs held-out, per user). "scores": per kind at most
+    n_sample of the scores themselves (evenly spaced over the pairs, which are sorted by user), for histograms."""
     def scores(p):
         p = torch.as_tensor(p)
         return (E_user[p[:, 0]] * E_item[p[:, 1]]).sum(-1).cpu().numpy()
-    out = {}
+    out = {"scores": {}}
     for name, p in (("forgotten", forgotten), ("held_out", held_out), ("negatives", negatives)):
         s = scores(p)
         out[name] = {"mean": float(s.mean()), **{f"q{q}": float(np.quantile(s, q / 100)) for q in (10, 50, 90)}}
+        out["scores"][name] = s[np.linspace(0, len(s) - 1, min(len(s), n_sample)).astype(int)]
     out["mia_auc"] = membership_auc(forgotten, scores(forgotten), held_out, scores(held_out))
     return out
 

@@ -90,6 +90,9 @@ def test_unlearnrec_pipeline_and_its_errors(data_dir):
     rows = {r["model"]: r for r in s["steps"][0]["rows"]}
     assert list(rows) == ["base", "unlearnrec", "fine-tune-only", "retrained"]
     assert 0 <= rows["unlearnrec"]["mia_auc"] <= 1 and s["times"]["speedup_amortised"] > 0
+    with np.load(out / "scores.npz") as z:                                           # the samples plot.py draws
+        assert sorted(z) == sorted(f"1/{m}/{k}" for m in rows for k in ("forgotten", "held_out", "negatives"))
+        assert len(z["1/base/forgotten"]) == s["steps"][0]["requests"] and "scores" not in rows["base"]
     r = run(data_dir, f"--out_dir={data_dir / 'adv'}", "--method=unlearnrec", f"--base={base}/ckpt_best.pt",
             "--forget=adversarial", "--epochs=2", "--pre_epochs=1", "--finetune_epochs=1")
     assert r.returncode == 0, r.stderr

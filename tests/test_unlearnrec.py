@@ -211,6 +211,19 @@ def test_membership_auc_is_half_for_a_model_that_never_saw_the_edges():
     assert never["held_out"]["mean"] > never["negatives"]["mean"] + 0.5
 
 
+def test_score_report_keeps_a_bounded_evenly_spaced_sample_of_the_scores():
+    g = torch.Generator().manual_seed(0)
+    E_user, E_item = torch.randn(50, 4, generator=g), torch.randn(40, 4, generator=g)
+    pairs = np.stack(np.meshgrid(np.arange(50), np.arange(40), indexing="ij"), -1).reshape(-1, 2)   # 2000 pairs
+    r = score_report(E_user, E_item, pairs[:30], pairs[30:1021], pairs, n_sample=100)
+    every = (E_user[pairs[:, 0]] * E_item[pairs[:, 1]]).sum(-1).numpy()
+    assert np.array_equal(r["scores"]["forgotten"], every[:30])                     # fewer than 100: all of them
+    assert np.array_equal(r["scores"]["held_out"], every[30:1021][::10])            # 991 pairs: every 10th
+    negatives = r["scores"]["negatives"]
+    assert len(negatives) == 100 and negatives[0] == every[0] and negatives[-1] == every[-1]
+    assert r["negatives"]["mean"] == pytest.approx(every.mean(), rel=1e-5)          # the statistics use them all
+
+
 def test_membership_auc_compares_within_users():
     # user 0 scores everything high, user 1 everything low; user 0 has most forgotten edges, user 1 most held-out
     # ones: pooled over users the AUC would be high, within each user the two sets are alike
