@@ -142,17 +142,20 @@ def high_order(model, A_hat, E0, start=2):
 # ----------------------------------------------------------------------------- losses
 
 def prediction_kd(E_user, E_item, T_user, T_item, u, i1, i2, tau):
-    """(1) BCE(σ(s/τ), σ(t/τ)) on random triples: the student ranks i1 vs i2 as its tutor does."""
-    # s = ŷ^s_ui1 − ŷ^s_ui2 ,  t = ŷ^t_ui1 − ŷ^t_ui2
-    s = (E_user[u] * (E_item[i1] - E_item[i2])).sum(-1)
-    t = (T_user[u] * (T_item[i1] - T_item[i2])).sum(-1)
+    """(1) BCE(σ(s/τ), σ(t/τ)) on random triples: the student ranks i1 vs i2 as its tutor does. (index_select,
+    not E[u]: its backward is an index_add, ~3x faster than advanced indexing's on 100,000 rows.)"""
+    # s = ŷ^s_ui1 − ŷ^s_ui2 = e_u · (e_i1 − e_i2)
+    s = (E_user.index_select(0, u) * (E_item.index_select(0, i1) - E_item.index_select(0, i2))).sum(-1)
+    with torch.no_grad():   # t = ŷ^t_ui1 − ŷ^t_ui2: the tutor is fixed
+        t = (T_user.index_select(0, u) * (T_item.index_select(0, i1) - T_item.index_select(0, i2))).sum(-1)
     return F.binary_cross_entropy_with_logits(s / tau, torch.sigmoid(t / tau))
 
 
 def info_nce(H, E, idx, tau):
     """−mean_v log softmax_w(cos(h_v, e_w) / τ)_v for v in idx: the tutor's h_v is the anchor, every row of the
     model's E (the same node type) is in the denominator."""
-    logits = F.normalize(H[idx], dim=-1) @ F.normalize(E, dim=-1).T / tau     # (B, N)
+    # cos(h_v, e_w) / τ, with 1/τ applied to the (B, d) anchors rather than to the (B, N) logits
+    logits = (F.normalize(H[idx], dim=-1) / tau) @ F.normalize(E, dim=-1).T     # (B, N)
     return F.cross_entropy(logits, idx)
 
 
@@ -161,22 +164,33 @@ def embedding_kd(E_user, E_item, H_user, H_item, users, items, tau):
     return info_nce(H_user, E_user, users, tau) + info_nce(H_item, E_item, items, tau)
 
 
-def uniformity(E_user, E_item, users, items, tau):
-    """(3) the four log-sum-exp terms on raw dot products: batch users vs all items and all users, batch items
-    vs all users and all items."""
-    U, I = E_user[users], E_item[items]
-    return sum(torch.logsumexp(a @ B.T / tau, 1).mean() for a, B in ((U, E_item), (I, E_user), (U, E_user), (I, E_item)))
+def dot_logits(E_user, E_item, users, items, tau):
+    """The four pairings (a, b) of (3) and (3'): batch users vs all items, batch items vs all users, batch users
+    vs all users, batch items vs all items. Per pairing the logits X_ab = e_a · e_b / τ (B, N_b) and
+    lse_a = log Σ_b exp(X_ab) (B,), computed once for both terms (the (B, N) products are most of a step)."""
+    U, I = E_user[users] / tau, E_item[items] / tau                   # 1/τ on the (B, d) side
+    out = []
+    for a, B in ((U, E_item), (I, E_user), (U, E_user), (I, E_item)):
+        X = a @ B.T                                                   # (B, N_b)
+        out.append((X, torch.logsumexp(X, 1)))
+    return out
 
 
-def subspace_uniformity(E_user, E_item, M_user, M_item, users, items, loosen, tau):
+def uniformity(logits):
+    """(3) Σ over the four pairings of mean_a lse_a (logits: dot_logits(...))."""
+    return sum(lse.mean() for _, lse in logits)
+
+
+def subspace_uniformity(logits, M_user, M_item, users, items, loosen):
     """(3') each anchor's soft target: the nodes whose kept entries overlap its own (and theirs) in all but
     `loosen` places; cross-entropy of the dot-product softmax against that (unnormalised) target."""
     total = 0.0
-    for E_a, M_a, idx, E_b, M_b in ((E_user, M_user, users, E_item, M_item), (E_item, M_item, items, E_user, M_user),
-                                    (E_user, M_user, users, E_user, M_user), (E_item, M_item, items, E_item, M_item)):
+    for (X, lse), (M_a, idx, M_b) in zip(logits, ((M_user, users, M_item), (M_item, items, M_user),
+                                                  (M_user, users, M_user), (M_item, items, M_item))):
         overlap = M_a[idx] @ M_b.T                                                        # (B, N)
-        y = ((overlap >= M_a[idx].sum(1, keepdim=True) - loosen) & (overlap >= M_b.sum(1) - loosen)).float()
-        total = total - (y * F.log_softmax(E_a[idx] @ E_b.T / tau, 1)).sum(1).mean()
+        y = ((overlap >= M_a[idx].sum(1, keepdim=True) - loosen) & (overlap >= M_b.sum(1) - loosen)).to(X.dtype)
+        # −Σ_b y_ab log softmax_b(X_ab) = −Σ_b y_ab X_ab + lse_a Σ_b y_ab
+        total = total - ((y * X).sum(1) - lse * y.sum(1)).mean()
     return total
 
 
@@ -200,13 +214,15 @@ def distill_loss(model, E_user, E_item, tutor, tutor_high, u, i, j, triples, w, 
         loss = loss + w["pred"] * prediction_kd(E_user, E_item, *tutor, *triples, w["tau"])
     if w["emb"] > 0:
         loss = loss + w["emb"] * embedding_kd(E_user, E_item, *tutor_high, users, items, w["emb_tau"])
+    sub_on = w["sub"] > 0 and 2 <= rnd <= 13
+    if w["uni"] > 0 or sub_on:
+        logits = dot_logits(E_user, E_item, users, items, w["uni_tau"])
     if w["uni"] > 0:
-        loss = loss + w["uni"] * uniformity(E_user, E_item, users, items, w["uni_tau"])
-    if w["sub"] > 0 and 2 <= rnd <= 13:
+        loss = loss + w["uni"] * uniformity(logits)
+    if sub_on:
         M_user, M_item = model.entry_mask.split([model.n_users, model.n_items])
         loosen = LOOSEN[rnd] if rnd < len(LOOSEN) else 0
-        loss = loss + w["sub"] * subspace_uniformity(E_user, E_item, M_user, M_item, users, items, loosen,
-                                                     w["uni_tau"])
+        loss = loss + w["sub"] * subspace_uniformity(logits, M_user, M_item, users, items, loosen)
     return loss
 
 
