@@ -43,6 +43,8 @@ Choices where the official code (HKUDS/LightGNN) is followed or departed from:
 
     python train_rec.py --method=lightgnn --dataset=ml-1m --data_dir=DIR
 """
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -141,13 +143,53 @@ def high_order(model, A_hat, E0, start=2):
 
 # ----------------------------------------------------------------------------- losses
 
+def csr(crow, col, value, shape):
+    with warnings.catch_warnings():     # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, value, shape)
+
+
+def pair_csr(u, i, n_users, n_items, dtype=torch.float32):
+    """The distinct pairs among (u, i) as a 0/1 sparse CSR (n_users, n_items) (sorted: CSR order) and, per pair,
+    its position among them."""
+    key, inverse = torch.unique(u * n_items + i, return_inverse=True)
+    crow = torch.zeros(n_users + 1, dtype=torch.long, device=u.device)
+    crow[1:] = torch.cumsum(torch.bincount(key // n_items, minlength=n_users), 0)
+    return csr(crow, key % n_items, torch.ones(len(key), dtype=dtype, device=u.device),
+               (n_users, n_items)), inverse
+
+
+class PairScores(torch.autograd.Function):
+    """ŷ_ui = e_u · e_i for many (u, i) pairs: E_user E_itemᵀ sampled at the nonzeros of C = pair_csr(u, i),
+    read back per pair. Backward: ∂L/∂E_user = G E_item and ∂L/∂E_item = Gᵀ E_user, G = C holding the pairs'
+    gradients. For 200,000 pairs ~3x faster than gathering their rows and scattering the gradients back."""
+
+    @staticmethod
+    def forward(ctx, E_user, E_item, C, inverse):
+        ctx.save_for_backward(E_user, E_item, inverse)
+        ctx.C = C
+        return torch.sparse.sampled_addmm(C, E_user, E_item.T, beta=0.0).values()[inverse]
+
+    @staticmethod
+    def backward(ctx, grad):
+        E_user, E_item, inverse = ctx.saved_tensors
+        C = ctx.C
+        # a pair drawn twice: its gradient is the sum of both
+        value = torch.zeros(len(C.col_indices()), dtype=grad.dtype, device=grad.device).index_add_(0, inverse, grad)
+        G = csr(C.crow_indices(), C.col_indices(), value, C.shape)
+        return G @ E_item, G.t() @ E_user, None, None
+
+
 def prediction_kd(E_user, E_item, T_user, T_item, u, i1, i2, tau):
-    """(1) BCE(σ(s/τ), σ(t/τ)) on random triples: the student ranks i1 vs i2 as its tutor does. (index_select,
-    not E[u]: its backward is an index_add, ~3x faster than advanced indexing's on 100,000 rows.)"""
-    # s = ŷ^s_ui1 − ŷ^s_ui2 = e_u · (e_i1 − e_i2)
-    s = (E_user.index_select(0, u) * (E_item.index_select(0, i1) - E_item.index_select(0, i2))).sum(-1)
+    """(1) BCE(σ(s/τ), σ(t/τ)) on random triples: the student ranks i1 vs i2 as its tutor does."""
+    C, inverse = pair_csr(torch.cat([u, u]), torch.cat([i1, i2]), len(E_user), len(E_item), E_user.dtype)
+    K = len(u)
+    # s = ŷ^s_ui1 − ŷ^s_ui2
+    y = PairScores.apply(E_user, E_item, C, inverse)
+    s = y[:K] - y[K:]
     with torch.no_grad():   # t = ŷ^t_ui1 − ŷ^t_ui2: the tutor is fixed
-        t = (T_user.index_select(0, u) * (T_item.index_select(0, i1) - T_item.index_select(0, i2))).sum(-1)
+        y_t = torch.sparse.sampled_addmm(C.to(T_user.dtype), T_user, T_item.T, beta=0.0).values()[inverse]
+    t = y_t[:K] - y_t[K:]
     return F.binary_cross_entropy_with_logits(s / tau, torch.sigmoid(t / tau))
 
 
@@ -164,6 +206,25 @@ def embedding_kd(E_user, E_item, H_user, H_item, users, items, tau):
     return info_nce(H_user, E_user, users, tau) + info_nce(H_item, E_item, items, tau)
 
 
+class RowLogSumExp(torch.autograd.Function):
+    """lse_a = log Σ_b exp(X_ab) per row, as torch.logsumexp, but the backward reuses the forward's exp(X − max)
+    instead of recomputing exp(X − lse): one (B, N) pass instead of three, ~10% of a distillation step."""
+
+    @staticmethod
+    def forward(ctx, X):
+        m = X.amax(1, keepdim=True)
+        P = (X - m).exp_()                                            # (B, N)
+        s = P.sum(1, keepdim=True)
+        ctx.save_for_backward(P, s)
+        return (m + s.log()).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        P, s = ctx.saved_tensors
+        # ∂lse_a / ∂X_ab = softmax_b(X_a)_b = P_ab / s_a
+        return P * (grad.unsqueeze(1) / s)
+
+
 def dot_logits(E_user, E_item, users, items, tau):
     """The four pairings (a, b) of (3) and (3'): batch users vs all items, batch items vs all users, batch users
     vs all users, batch items vs all items. Per pairing the logits X_ab = e_a · e_b / τ (B, N_b) and
@@ -172,7 +233,7 @@ def dot_logits(E_user, E_item, users, items, tau):
     out = []
     for a, B in ((U, E_item), (I, E_user), (U, E_user), (I, E_item)):
         X = a @ B.T                                                   # (B, N_b)
-        out.append((X, torch.logsumexp(X, 1)))
+        out.append((X, RowLogSumExp.apply(X)))
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightgcn import Graph
-from lightgnn import PrunableLightGCN, distill_loss
+from lightgnn import PairScores, PrunableLightGCN, RowLogSumExp, distill_loss, pair_csr
 
 W = {"pred": 0.7, "tau": 0.05, "emb": 0.4, "emb_tau": 0.1, "uni": 0.3, "uni_tau": 0.7, "sub": 0.2, "kd_nodes": 24}
 
@@ -52,3 +52,28 @@ def test_one_step_equals_the_implementation_before_the_speedups(rnd):
     got = one_step(rnd)
     for name, value in OLD[rnd].items():
         assert got[name] == pytest.approx(value, rel=1e-10, abs=1e-12), name
+
+
+def test_pair_scores_are_dot_products_with_the_gradient_of_gathered_rows():
+    """PairScores (sampled product + sparse backward) against e_u · e_i per pair, pairs drawn twice included,
+    and torch.autograd.gradcheck of its backward."""
+    g = torch.Generator().manual_seed(0)
+    E_user, E_item = (torch.randn(n, 3, generator=g, dtype=torch.float64, requires_grad=True) for n in (4, 6))
+    u, i = torch.tensor([3, 0, 3, 1, 0, 3]), torch.tensor([5, 2, 5, 0, 4, 1])     # (3, 5) twice
+    C, inverse = pair_csr(u, i, 4, 6, torch.float64)
+    assert C.values().shape == (5,) and inverse[0] == inverse[2]
+    got = PairScores.apply(E_user, E_item, C, inverse)
+    expect = torch.stack([E_user[a] @ E_item[b] for a, b in zip(u, i)])
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+    weight = torch.randn(len(u), generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * weight).sum(), [E_user, E_item]),
+                    torch.autograd.grad((expect * weight).sum(), [E_user, E_item])):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda A, B: PairScores.apply(A, B, C, inverse), (E_user, E_item))
+
+
+def test_row_logsumexp_equals_torch_and_passes_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    X = (10 * torch.randn(3, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    torch.testing.assert_close(RowLogSumExp.apply(X), torch.logsumexp(X, 1), rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(RowLogSumExp.apply, (X,))
