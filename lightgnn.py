@@ -40,6 +40,8 @@ Choices where the official code (HKUDS/LightGNN) is followed or departed from:
   from its positive AND negative items (the official code: all users and positives); their cost is nodes × N.
   (1) draws `kd_triples` random triples per step (official: 100,000). (3) uses a log-sum-exp (official: log(Σ+1e-5)).
 - The reported student of each round is its best-VALIDATION epoch (the official code selects on test).
+Speed (same equations): (3) and (3') share one set of (B, N) logits; (1) is a sampled product over the distinct
+pairs (PairScores), the tutor's side without autograd.
 
     python train_rec.py --method=lightgnn --dataset=ml-1m --data_dir=DIR
 """
@@ -51,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightgcn import Graph, LightGCN, bpr_loss
+from lightgcn import Graph, LearnableAdjacency, LightGCN, bpr_loss
 
 # the official schedule of the subspace term's `loosen` (index = pruning round; 0 after the list)
 LOOSEN = (0, 0, 0, 2, 3, 4, 4, 3, 1)
@@ -97,10 +99,11 @@ class PrunableLightGCN(LightGCN):
         self.W = nn.Parameter(torch.ones(len(graph.col)))
         self.register_buffer("edge_mask", torch.ones(graph.n_edges))
         self.register_buffer("entry_mask", torch.ones_like(self.E0))
+        self._kept = None
 
     def to(self, device):
         self.graph.to(device)
-        self.A_hat = self.A_hat.to(device)
+        self.A_hat, self._kept = self.A_hat.to(device), None
         return super().to(device)
 
     def nonzero_mask(self):
@@ -108,9 +111,26 @@ class PrunableLightGCN(LightGCN):
         e = self.graph.edge
         return torch.where(e >= 0, self.edge_mask[e.clamp(min=0)], torch.ones_like(self.W))
 
+    def kept_nonzeros(self):
+        """The nonzeros of Â that M_A keeps: their ids (CSR order), CSR offsets and columns, and the position of each
+        one's transpose among them. A pruned entry of Â ⊙ W ⊙ M_A is 0, so leaving it out gives the same product
+        (and a zero gradient for its W) at the cost of the kept ones only. Recomputed when M_A changes."""
+        if self._kept is None or not torch.equal(self._kept[0], self.edge_mask):
+            g = self.graph
+            idx = self.nonzero_mask().nonzero().squeeze(1)
+            crow = torch.zeros_like(g.crow)
+            crow[1:] = torch.cumsum(torch.bincount(g.row[idx], minlength=g.n_nodes), 0)
+            position = torch.full_like(g.col, -1)
+            position[idx] = torch.arange(len(idx), device=idx.device)
+            self._kept = (self.edge_mask.clone(), idx, crow, g.col[idx], position[g.rev[idx]])
+        return self._kept[1:]
+
     def adjacency(self):
-        # Â ⊙ W ⊙ M_A
-        return self.graph.weighted(self.A_hat, self.W * self.nonzero_mask())
+        # Â ⊙ W ⊙ M_A, on the kept nonzeros
+        idx, crow, col, rev = self.kept_nonzeros()
+        value = self.A_hat.values()[idx] * self.W[idx]
+        shape = self.A_hat.shape
+        return LearnableAdjacency(csr(crow, col, value.detach(), shape), csr(crow, col, value.detach()[rev], shape), value)
 
     def E0_masked(self):
         return self.E0 * self.entry_mask
@@ -143,26 +163,24 @@ def high_order(model, A_hat, E0, start=2):
 
 # ----------------------------------------------------------------------------- losses
 
+def pair_csr(u, i, n_users, n_items, dtype=torch.float32):
+    """The distinct pairs among (u, i) as a 0/1 sparse CSR (n_users, n_items) and, per pair, its position there."""
+    key, inverse = torch.unique(u * n_items + i, return_inverse=True)            # sorted: CSR order
+    crow = torch.zeros(n_users + 1, dtype=torch.long, device=u.device)
+    crow[1:] = torch.cumsum(torch.bincount(key // n_items, minlength=n_users), 0)
+    return csr(crow, key % n_items, torch.ones(len(key), dtype=dtype, device=u.device), (n_users, n_items)), inverse
+
+
 def csr(crow, col, value, shape):
     with warnings.catch_warnings():     # "sparse CSR support is in beta"
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(crow, col, value, shape)
 
 
-def pair_csr(u, i, n_users, n_items, dtype=torch.float32):
-    """The distinct pairs among (u, i) as a 0/1 sparse CSR (n_users, n_items) (sorted: CSR order) and, per pair,
-    its position among them."""
-    key, inverse = torch.unique(u * n_items + i, return_inverse=True)
-    crow = torch.zeros(n_users + 1, dtype=torch.long, device=u.device)
-    crow[1:] = torch.cumsum(torch.bincount(key // n_items, minlength=n_users), 0)
-    return csr(crow, key % n_items, torch.ones(len(key), dtype=dtype, device=u.device),
-               (n_users, n_items)), inverse
-
-
 class PairScores(torch.autograd.Function):
-    """ŷ_ui = e_u · e_i for many (u, i) pairs: E_user E_itemᵀ sampled at the nonzeros of C = pair_csr(u, i),
-    read back per pair. Backward: ∂L/∂E_user = G E_item and ∂L/∂E_item = Gᵀ E_user, G = C holding the pairs'
-    gradients. For 200,000 pairs ~3x faster than gathering their rows and scattering the gradients back."""
+    """ŷ_ui = e_u · e_i for many (u, i) pairs: E_user E_itemᵀ sampled at the nonzeros of C = pair_csr(u, i), read
+    back per pair. Backward: ∂L/∂E_user = G E_item, ∂L/∂E_item = Gᵀ E_user, G = C holding the pairs' gradients
+    (summed over repeats). For 200,000 pairs ~3x faster than gathering rows and scattering their gradients back."""
 
     @staticmethod
     def forward(ctx, E_user, E_item, C, inverse):
@@ -174,7 +192,6 @@ class PairScores(torch.autograd.Function):
     def backward(ctx, grad):
         E_user, E_item, inverse = ctx.saved_tensors
         C = ctx.C
-        # a pair drawn twice: its gradient is the sum of both
         value = torch.zeros(len(C.col_indices()), dtype=grad.dtype, device=grad.device).index_add_(0, inverse, grad)
         G = csr(C.crow_indices(), C.col_indices(), value, C.shape)
         return G @ E_item, G.t() @ E_user, None, None
@@ -183,13 +200,12 @@ class PairScores(torch.autograd.Function):
 def prediction_kd(E_user, E_item, T_user, T_item, u, i1, i2, tau):
     """(1) BCE(σ(s/τ), σ(t/τ)) on random triples: the student ranks i1 vs i2 as its tutor does."""
     C, inverse = pair_csr(torch.cat([u, u]), torch.cat([i1, i2]), len(E_user), len(E_item), E_user.dtype)
-    K = len(u)
     # s = ŷ^s_ui1 − ŷ^s_ui2
-    y = PairScores.apply(E_user, E_item, C, inverse)
-    s = y[:K] - y[K:]
+    s = PairScores.apply(E_user, E_item, C, inverse).view(2, -1)
+    s = s[0] - s[1]
     with torch.no_grad():   # t = ŷ^t_ui1 − ŷ^t_ui2: the tutor is fixed
-        y_t = torch.sparse.sampled_addmm(C.to(T_user.dtype), T_user, T_item.T, beta=0.0).values()[inverse]
-    t = y_t[:K] - y_t[K:]
+        t = torch.sparse.sampled_addmm(C.to(T_user.dtype), T_user, T_item.T, beta=0.0).values()[inverse].view(2, -1)
+    t = t[0] - t[1]
     return F.binary_cross_entropy_with_logits(s / tau, torch.sigmoid(t / tau))
 
 
