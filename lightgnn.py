@@ -106,18 +106,14 @@ class PrunableLightGCN(LightGCN):
         self.A_hat, self._kept = self.A_hat.to(device), None
         return super().to(device)
 
-    def nonzero_mask(self):
-        """M_A per nonzero of Â: an interaction's mask on both directions, 1 on self-loops and A² links."""
-        e = self.graph.edge
-        return torch.where(e >= 0, self.edge_mask[e.clamp(min=0)], torch.ones_like(self.W))
-
     def kept_nonzeros(self):
-        """The nonzeros of Â that M_A keeps: their ids (CSR order), CSR offsets and columns, and the position of each
-        one's transpose among them. A pruned entry of Â ⊙ W ⊙ M_A is 0, so leaving it out gives the same product
-        (and a zero gradient for its W) at the cost of the kept ones only. Recomputed when M_A changes."""
+        """The nonzeros of Â that M_A keeps (an interaction's mask on both directions; self-loops and A² links are
+        always kept): their ids, CSR offsets and columns, and the position of each one's transpose among them. A pruned
+        entry of Â ⊙ W ⊙ M_A is 0, so leaving it out gives the same product (and a zero gradient for its W) at the
+        cost of the kept ones only. Recomputed when M_A changes."""
         if self._kept is None or not torch.equal(self._kept[0], self.edge_mask):
             g = self.graph
-            idx = self.nonzero_mask().nonzero().squeeze(1)
+            idx = ((g.edge < 0) | (self.edge_mask[g.edge.clamp(min=0)] > 0)).nonzero().squeeze(1)   # CSR order
             crow = torch.zeros_like(g.crow)
             crow[1:] = torch.cumsum(torch.bincount(g.row[idx], minlength=g.n_nodes), 0)
             position = torch.full_like(g.col, -1)
@@ -128,9 +124,8 @@ class PrunableLightGCN(LightGCN):
     def adjacency(self):
         # Â ⊙ W ⊙ M_A, on the kept nonzeros
         idx, crow, col, rev = self.kept_nonzeros()
-        value = self.A_hat.values()[idx] * self.W[idx]
-        shape = self.A_hat.shape
-        return LearnableAdjacency(csr(crow, col, value.detach(), shape), csr(crow, col, value.detach()[rev], shape), value)
+        value, n = self.A_hat.values()[idx] * self.W[idx], self.A_hat.shape
+        return LearnableAdjacency(csr(crow, col, value.detach(), n), csr(crow, col, value.detach()[rev], n), value)
 
     def E0_masked(self):
         return self.E0 * self.entry_mask
@@ -246,11 +241,8 @@ def dot_logits(E_user, E_item, users, items, tau):
     vs all users, batch items vs all items. Per pairing the logits X_ab = e_a · e_b / τ (B, N_b) and
     lse_a = log Σ_b exp(X_ab) (B,), computed once for both terms (the (B, N) products are most of a step)."""
     U, I = E_user[users] / tau, E_item[items] / tau                   # 1/τ on the (B, d) side
-    out = []
-    for a, B in ((U, E_item), (I, E_user), (U, E_user), (I, E_item)):
-        X = a @ B.T                                                   # (B, N_b)
-        out.append((X, RowLogSumExp.apply(X)))
-    return out
+    # X_ab (B, N_b) per pairing, with lse_a
+    return [(X, RowLogSumExp.apply(X)) for X in (U @ E_item.T, I @ E_user.T, U @ E_user.T, I @ E_item.T)]
 
 
 def uniformity(logits):
