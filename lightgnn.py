@@ -40,8 +40,8 @@ Choices where the official code (HKUDS/LightGNN) is followed or departed from:
   from its positive AND negative items (the official code: all users and positives); their cost is nodes × N.
   (1) draws `kd_triples` random triples per step (official: 100,000). (3) uses a log-sum-exp (official: log(Σ+1e-5)).
 - The reported student of each round is its best-VALIDATION epoch (the official code selects on test).
-Speed (same equations): (3) and (3') share one set of (B, N) logits; (1) is a sampled product over the distinct
-pairs (PairScores), the tutor's side without autograd.
+Speed (the same equations): (3) and (3') share one set of (B, N) logits and log-sum-exps; (1) is a sampled
+product over the distinct pairs (PairScores); the propagation skips the pruned nonzeros of Â ⊙ W ⊙ M_A.
 
     python train_rec.py --method=lightgnn --dataset=ml-1m --data_dir=DIR
 """
