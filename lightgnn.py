@@ -40,16 +40,20 @@ Choices where the official code (HKUDS/LightGNN) is followed or departed from:
   from its positive AND negative items (the official code: all users and positives); their cost is nodes × N.
   (1) draws `kd_triples` random triples per step (official: 100,000). (3) uses a log-sum-exp (official: log(Σ+1e-5)).
 - The reported student of each round is its best-VALIDATION epoch (the official code selects on test).
+Speed (the same equations): (3) and (3') share one set of (B, N) logits and log-sum-exps; (1) is a sampled
+product over the distinct pairs (PairScores); the propagation skips the pruned nonzeros of Â ⊙ W ⊙ M_A.
 
     python train_rec.py --method=lightgnn --dataset=ml-1m --data_dir=DIR
 """
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightgcn import Graph, LightGCN, bpr_loss
+from lightgcn import Graph, LearnableAdjacency, LightGCN, bpr_loss
 
 # the official schedule of the subspace term's `loosen` (index = pruning round; 0 after the list)
 LOOSEN = (0, 0, 0, 2, 3, 4, 4, 3, 1)
@@ -95,20 +99,33 @@ class PrunableLightGCN(LightGCN):
         self.W = nn.Parameter(torch.ones(len(graph.col)))
         self.register_buffer("edge_mask", torch.ones(graph.n_edges))
         self.register_buffer("entry_mask", torch.ones_like(self.E0))
+        self._kept = None
 
     def to(self, device):
         self.graph.to(device)
-        self.A_hat = self.A_hat.to(device)
+        self.A_hat, self._kept = self.A_hat.to(device), None
         return super().to(device)
 
-    def nonzero_mask(self):
-        """M_A per nonzero of Â: an interaction's mask on both directions, 1 on self-loops and A² links."""
-        e = self.graph.edge
-        return torch.where(e >= 0, self.edge_mask[e.clamp(min=0)], torch.ones_like(self.W))
+    def kept_nonzeros(self):
+        """The nonzeros of Â that M_A keeps (an interaction's mask on both directions; self-loops and A² links are
+        always kept): their ids, CSR offsets and columns, and the position of each one's transpose among them. A pruned
+        entry of Â ⊙ W ⊙ M_A is 0, so leaving it out gives the same product (and a zero gradient for its W) at the
+        cost of the kept ones only. Recomputed when M_A changes."""
+        if self._kept is None or not torch.equal(self._kept[0], self.edge_mask):
+            g = self.graph
+            idx = ((g.edge < 0) | (self.edge_mask[g.edge.clamp(min=0)] > 0)).nonzero().squeeze(1)   # CSR order
+            crow = torch.zeros_like(g.crow)
+            crow[1:] = torch.cumsum(torch.bincount(g.row[idx], minlength=g.n_nodes), 0)
+            position = torch.full_like(g.col, -1)
+            position[idx] = torch.arange(len(idx), device=idx.device)
+            self._kept = (self.edge_mask.clone(), idx, crow, g.col[idx], position[g.rev[idx]])
+        return self._kept[1:]
 
     def adjacency(self):
-        # Â ⊙ W ⊙ M_A
-        return self.graph.weighted(self.A_hat, self.W * self.nonzero_mask())
+        # Â ⊙ W ⊙ M_A, on the kept nonzeros
+        idx, crow, col, rev = self.kept_nonzeros()
+        value, n = self.A_hat.values()[idx] * self.W[idx], self.A_hat.shape
+        return LearnableAdjacency(csr(crow, col, value.detach(), n), csr(crow, col, value.detach()[rev], n), value)
 
     def E0_masked(self):
         return self.E0 * self.entry_mask
@@ -141,18 +158,57 @@ def high_order(model, A_hat, E0, start=2):
 
 # ----------------------------------------------------------------------------- losses
 
+def pair_csr(u, i, n_users, n_items, dtype=torch.float32):
+    """The distinct pairs among (u, i) as a 0/1 sparse CSR (n_users, n_items) and, per pair, its position there."""
+    key, inverse = torch.unique(u * n_items + i, return_inverse=True)            # sorted: CSR order
+    crow = torch.zeros(n_users + 1, dtype=torch.long, device=u.device)
+    crow[1:] = torch.cumsum(torch.bincount(key // n_items, minlength=n_users), 0)
+    return csr(crow, key % n_items, torch.ones(len(key), dtype=dtype, device=u.device), (n_users, n_items)), inverse
+
+
+def csr(crow, col, value, shape):
+    with warnings.catch_warnings():     # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, col, value, shape)
+
+
+class PairScores(torch.autograd.Function):
+    """ŷ_ui = e_u · e_i for many (u, i) pairs: E_user E_itemᵀ sampled at the nonzeros of C = pair_csr(u, i), read
+    back per pair. Backward: ∂L/∂E_user = G E_item, ∂L/∂E_item = Gᵀ E_user, G = C holding the pairs' gradients
+    (summed over repeats). For 200,000 pairs ~3x faster than gathering rows and scattering their gradients back."""
+
+    @staticmethod
+    def forward(ctx, E_user, E_item, C, inverse):
+        ctx.save_for_backward(E_user, E_item, inverse)
+        ctx.C = C
+        return torch.sparse.sampled_addmm(C, E_user, E_item.T, beta=0.0).values()[inverse]
+
+    @staticmethod
+    def backward(ctx, grad):
+        E_user, E_item, inverse = ctx.saved_tensors
+        C = ctx.C
+        value = torch.zeros(len(C.col_indices()), dtype=grad.dtype, device=grad.device).index_add_(0, inverse, grad)
+        G = csr(C.crow_indices(), C.col_indices(), value, C.shape)
+        return G @ E_item, G.t() @ E_user, None, None
+
+
 def prediction_kd(E_user, E_item, T_user, T_item, u, i1, i2, tau):
     """(1) BCE(σ(s/τ), σ(t/τ)) on random triples: the student ranks i1 vs i2 as its tutor does."""
-    # s = ŷ^s_ui1 − ŷ^s_ui2 ,  t = ŷ^t_ui1 − ŷ^t_ui2
-    s = (E_user[u] * (E_item[i1] - E_item[i2])).sum(-1)
-    t = (T_user[u] * (T_item[i1] - T_item[i2])).sum(-1)
+    C, inverse = pair_csr(torch.cat([u, u]), torch.cat([i1, i2]), len(E_user), len(E_item), E_user.dtype)
+    # s = ŷ^s_ui1 − ŷ^s_ui2
+    s = PairScores.apply(E_user, E_item, C, inverse).view(2, -1)
+    s = s[0] - s[1]
+    with torch.no_grad():   # t = ŷ^t_ui1 − ŷ^t_ui2: the tutor is fixed
+        t = torch.sparse.sampled_addmm(C.to(T_user.dtype), T_user, T_item.T, beta=0.0).values()[inverse].view(2, -1)
+    t = t[0] - t[1]
     return F.binary_cross_entropy_with_logits(s / tau, torch.sigmoid(t / tau))
 
 
 def info_nce(H, E, idx, tau):
     """−mean_v log softmax_w(cos(h_v, e_w) / τ)_v for v in idx: the tutor's h_v is the anchor, every row of the
     model's E (the same node type) is in the denominator."""
-    logits = F.normalize(H[idx], dim=-1) @ F.normalize(E, dim=-1).T / tau     # (B, N)
+    # cos(h_v, e_w) / τ, with 1/τ applied to the (B, d) anchors rather than to the (B, N) logits
+    logits = (F.normalize(H[idx], dim=-1) / tau) @ F.normalize(E, dim=-1).T     # (B, N)
     return F.cross_entropy(logits, idx)
 
 
@@ -161,22 +217,49 @@ def embedding_kd(E_user, E_item, H_user, H_item, users, items, tau):
     return info_nce(H_user, E_user, users, tau) + info_nce(H_item, E_item, items, tau)
 
 
-def uniformity(E_user, E_item, users, items, tau):
-    """(3) the four log-sum-exp terms on raw dot products: batch users vs all items and all users, batch items
-    vs all users and all items."""
-    U, I = E_user[users], E_item[items]
-    return sum(torch.logsumexp(a @ B.T / tau, 1).mean() for a, B in ((U, E_item), (I, E_user), (U, E_user), (I, E_item)))
+class RowLogSumExp(torch.autograd.Function):
+    """lse_a = log Σ_b exp(X_ab) per row, as torch.logsumexp, but the backward reuses the forward's exp(X − max)
+    instead of recomputing exp(X − lse): one (B, N) pass instead of three, ~10% of a distillation step."""
+
+    @staticmethod
+    def forward(ctx, X):
+        m = X.amax(1, keepdim=True)
+        P = (X - m).exp_()                                            # (B, N)
+        s = P.sum(1, keepdim=True)
+        ctx.save_for_backward(P, s)
+        return (m + s.log()).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        P, s = ctx.saved_tensors
+        # ∂lse_a / ∂X_ab = softmax_b(X_a)_b = P_ab / s_a
+        return P * (grad.unsqueeze(1) / s)
 
 
-def subspace_uniformity(E_user, E_item, M_user, M_item, users, items, loosen, tau):
+def dot_logits(E_user, E_item, users, items, tau):
+    """The four pairings (a, b) of (3) and (3'): batch users vs all items, batch items vs all users, batch users
+    vs all users, batch items vs all items. Per pairing the logits X_ab = e_a · e_b / τ (B, N_b) and
+    lse_a = log Σ_b exp(X_ab) (B,), computed once for both terms (the (B, N) products are most of a step)."""
+    U, I = E_user[users] / tau, E_item[items] / tau                   # 1/τ on the (B, d) side
+    # X_ab (B, N_b) per pairing, with lse_a
+    return [(X, RowLogSumExp.apply(X)) for X in (U @ E_item.T, I @ E_user.T, U @ E_user.T, I @ E_item.T)]
+
+
+def uniformity(logits):
+    """(3) Σ over the four pairings of mean_a lse_a (logits: dot_logits(...))."""
+    return sum(lse.mean() for _, lse in logits)
+
+
+def subspace_uniformity(logits, M_user, M_item, users, items, loosen):
     """(3') each anchor's soft target: the nodes whose kept entries overlap its own (and theirs) in all but
     `loosen` places; cross-entropy of the dot-product softmax against that (unnormalised) target."""
     total = 0.0
-    for E_a, M_a, idx, E_b, M_b in ((E_user, M_user, users, E_item, M_item), (E_item, M_item, items, E_user, M_user),
-                                    (E_user, M_user, users, E_user, M_user), (E_item, M_item, items, E_item, M_item)):
+    for (X, lse), (M_a, idx, M_b) in zip(logits, ((M_user, users, M_item), (M_item, items, M_user),
+                                                  (M_user, users, M_user), (M_item, items, M_item))):
         overlap = M_a[idx] @ M_b.T                                                        # (B, N)
-        y = ((overlap >= M_a[idx].sum(1, keepdim=True) - loosen) & (overlap >= M_b.sum(1) - loosen)).float()
-        total = total - (y * F.log_softmax(E_a[idx] @ E_b.T / tau, 1)).sum(1).mean()
+        y = ((overlap >= M_a[idx].sum(1, keepdim=True) - loosen) & (overlap >= M_b.sum(1) - loosen)).to(X.dtype)
+        # −Σ_b y_ab log softmax_b(X_ab) = −Σ_b y_ab X_ab + lse_a Σ_b y_ab
+        total = total - ((y * X).sum(1) - lse * y.sum(1)).mean()
     return total
 
 
@@ -200,13 +283,15 @@ def distill_loss(model, E_user, E_item, tutor, tutor_high, u, i, j, triples, w, 
         loss = loss + w["pred"] * prediction_kd(E_user, E_item, *tutor, *triples, w["tau"])
     if w["emb"] > 0:
         loss = loss + w["emb"] * embedding_kd(E_user, E_item, *tutor_high, users, items, w["emb_tau"])
+    sub_on = w["sub"] > 0 and 2 <= rnd <= 13
+    if w["uni"] > 0 or sub_on:
+        logits = dot_logits(E_user, E_item, users, items, w["uni_tau"])
     if w["uni"] > 0:
-        loss = loss + w["uni"] * uniformity(E_user, E_item, users, items, w["uni_tau"])
-    if w["sub"] > 0 and 2 <= rnd <= 13:
+        loss = loss + w["uni"] * uniformity(logits)
+    if sub_on:
         M_user, M_item = model.entry_mask.split([model.n_users, model.n_items])
         loosen = LOOSEN[rnd] if rnd < len(LOOSEN) else 0
-        loss = loss + w["sub"] * subspace_uniformity(E_user, E_item, M_user, M_item, users, items, loosen,
-                                                     w["uni_tau"])
+        loss = loss + w["sub"] * subspace_uniformity(logits, M_user, M_item, users, items, loosen)
     return loss
 
 

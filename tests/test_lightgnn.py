@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import lightgnn
 from lightgcn import Graph, bpr_loss
-from lightgnn import (PrunableLightGCN, augmented_graph, distill_loss, edge_scores, embedding_kd, info_nce,
-                      prediction_kd, prune_round, sample_nodes, subspace_uniformity, uniformity)
+from lightgnn import (PrunableLightGCN, augmented_graph, distill_loss, dot_logits, edge_scores, embedding_kd,
+                      info_nce, prediction_kd, prune_round, sample_nodes, subspace_uniformity, uniformity)
 
 EDGES = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3]])  # 4 users, 4 items
 NU, NI = 4, 4
@@ -171,7 +171,8 @@ def test_kd_nodes_sample_both_positives_and_negatives():
     users, items = sample_nodes(u, 32, gen), sample_nodes(torch.cat([i, j]), 32, gen)
     assert (items >= 64).any()
     bpr = bpr_loss(E_user, E_item, *model.E0.split([2, 128]), u, i, j, 0.0)[0]
-    expect = bpr + embedding_kd(E_user, E_item, *H, users, items, 0.1) + uniformity(E_user, E_item, users, items, 1.0)
+    expect = (bpr + embedding_kd(E_user, E_item, *H, users, items, 0.1)
+              + uniformity(dot_logits(E_user, E_item, users, items, 1.0)))
     torch.testing.assert_close(got, expect)
 
 
@@ -221,7 +222,7 @@ def test_uniformity_is_the_four_official_terms_on_raw_dot_products():
         return sum(math.log(sum(math.exp(A[a] @ B[b] / tau) for b in range(len(B)))) for a in idx) / len(idx)
 
     expect = term(Eu, users, Ei) + term(Ei, items, Eu) + term(Eu, users, Eu) + term(Ei, items, Ei)
-    assert uniformity(Eu, Ei, users, items, tau).item() == pytest.approx(expect, rel=1e-9)
+    assert uniformity(dot_logits(Eu, Ei, users, items, tau)).item() == pytest.approx(expect, rel=1e-9)
 
 
 def test_subspace_uniformity_equals_formula():
@@ -243,7 +244,7 @@ def test_subspace_uniformity_equals_formula():
 
     expect = (term(Eu, Mu, users, Ei, Mi) + term(Ei, Mi, items, Eu, Mu) + term(Eu, Mu, users, Eu, Mu)
               + term(Ei, Mi, items, Ei, Mi))
-    got = subspace_uniformity(Eu, Ei, Mu, Mi, users, items, loosen, tau).item()
+    got = subspace_uniformity(dot_logits(Eu, Ei, users, items, tau), Mu, Mi, users, items, loosen).item()
     assert got == pytest.approx(expect, rel=1e-9)
 
 
