@@ -188,7 +188,7 @@ def draw_routing(plt, runs, cfg):
         ax.set(xlabel=f"expert ({pool})", ylabel="layer", title=f"{label}\nuniform = {1 / E:.3f} per expert")
         ax.set_yticks(range(len(share)))
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle("token share per expert, each layer's row sums to 1 (logged batches, last half of training)",
+    fig.suptitle("token share per expert (each layer's row sums to 1)\nlogged batches, last half of training",
                  fontsize=10)
     return fig
 
