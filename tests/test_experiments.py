@@ -167,3 +167,22 @@ def test_a_table_runs_its_scripts_then_resumes(tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="bad failed .exit 2; its output is in .*bad/log.txt"):
         experiments.main(["tiny", f"--out_dir={tmp_path}"])
     assert "--max_iters=0 must be >= 1" in open(tmp_path / "tiny" / "bad" / "log.txt").read()
+
+
+def test_bench_rec_times_a_share_of_an_epoch(tmp_path, monkeypatch, capsys):
+    """--share (the quick lightgcn table) times that share of an epoch's triples, in both ways."""
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "train.txt").write_text("".join(f"{u} " + " ".join(str((u + k) % 30) for k in range(8)) + "\n"
+                                              for u in range(40)))
+    (folder / "test.txt").write_text("".join(f"{u} {(u + 9) % 30}\n" for u in range(40)))
+    monkeypatch.setattr(sys, "argv", ["bench_rec.py", f"--data_dir={tmp_path}", "--dataset=toy", "--share=0.25",
+                                      "--batch_size=16"])
+    bench_rec.main()
+    out = capsys.readouterr().out
+    n_train = 40 * 8 - int(0.1 * 8) * 40            # LightGCN's loader moves 10 % of each user's items to validation
+    assert f"toy: {int(0.25 * n_train)} training triples (0.25 of an epoch)" in out
+    assert "| sample 0.25 of an epoch of triples |" in out and "| sampling + steps, 0.25 of an epoch |" in out
+    monkeypatch.setattr(sys, "argv", ["bench_rec.py", f"--data_dir={tmp_path}", "--dataset=toy", "--share=0"])
+    with pytest.raises(UserError, match="--share=0.0 must be in"):
+        bench_rec.main()
