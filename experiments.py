@@ -189,6 +189,9 @@ def sepllm_runs(quick):
 
 
 def sepllm_show(S, quick):
+    if quick:
+        print("30 iterations: the pipeline runs, nothing is learnt yet (the README's budget itself does not separate "
+              "the patterns at this size).")
     md(["run", "val loss", "README", "kept fraction", "paper: Pythia-160M WikiText ppl (GSM8K)"],
        [(label, fmt(get(S, n, "final_val_loss") or get(S, n, "val_loss")), readme,
          fmt(get(S, n, "kept_fraction"), ".3f"), paper) for n, _, label, readme, paper in SEPLLM])
@@ -255,7 +258,7 @@ def lightgcn_show(S, quick):
        [(n, fmt(get(S, n, "best_epoch"), "d"), *(fmt(get(S, n, sp, m)) for sp in ("val", "test")
                                                  for m in ("recall@20", "ndcg@20")), readme)
         for n, readme in (("ml-latest-small", "0.1978 / 0.2774"), ("ml-1m", "0.2182 / 0.3169"))])
-    print("\nWhere an epoch's time goes (README, ml-1m: sampling 5.1x, train steps 7.7x, whole epoch 7.5x faster):")
+    print("\nWhere an epoch's time goes (README, ml-1m: sampling 5.1x, train steps 7.7x, whole epoch 7.5x faster):\n")
     print(get(S, "bench", "output") or "—")
 
 
@@ -286,7 +289,10 @@ def unlearnrec_show(S, quick):
     for (run, k), readme in UL_README.items():
         step = get(S, run, "steps", k) or {}
         by_model = {r["model"]: r for r in step.get("rows", [])}
-        for r, ref in ((by_model.get(m, {"model": m}), ref) for m, ref in zip(UL_MODELS, readme) if m in by_model or ref):
+        for m, ref in zip(UL_MODELS, readme):
+            if m not in by_model and not ref:
+                continue
+            r = by_model.get(m, {"model": m})
             rows.append((f"{run}, request {k + 1} ({step.get('requests', '?')} edges)", r["model"],
                          fmt(get(r, "test", "recall@20")), fmt(get(r, "test", "ndcg@20")),
                          " / ".join(fmt(get(r, p, "mean"), ".2f") for p in ("forgotten", "held_out", "negatives")),
@@ -301,15 +307,15 @@ def unlearnrec_show(S, quick):
 
 STAGES = ["--teacher={dir}/stages/teacher/ckpt_best.pt", "--intermediate={dir}/stages/intermediate/ckpt_best.pt"]
 ROUNDS = {False: ["--rounds=5", "--rho=0.28", "--rho_emb=0.36", "--round_epochs=2", "--eval_every=1"],
-          True: ["--rounds=2", "--rho=0.56", "--rho_emb=0.67", "--round_epochs=1", "--eval_every=1",
-                 "--kd_triples=10000"]}          # quick: 2 rounds to the same end budget, 10 % of the KD triples
+          True: ["--rounds=2", "--rho=0.56", "--rho_emb=0.67", "--round_epochs=2", "--eval_every=1",
+                 "--kd_nodes=256", "--kd_triples=10000"]}   # quick: 2 rounds to the same end budget, cheaper KD
 
 
 def lightgnn_runs(quick):
     # the first command trains the stages the others reuse; its own round-0 student is not in the table, so it
     # trains one epoch (the README's command left --round_epochs at 10); teacher and intermediate do not change
     first = merge(["--method=lightgnn", "--epochs=20", "--mid_epochs=5", "--eval_every=1", "--rounds=0",
-                   "--round_epochs=1"], ["--epochs=5", "--mid_epochs=1", "--kd_triples=10000"] if quick else [])
+                   "--round_epochs=1"], ["--epochs=5", "--mid_epochs=5"] + ROUNDS[True][-2:] if quick else [])
     n_rows = 3 + (2 if quick else 5)                            # teacher, intermediate, student rounds 0..R
     return [Run("stages", "train_rec.py", first, done=lambda s: len(s["rounds"]) == 3)] + [
         Run(name, "train_rec.py", ["--method=lightgnn"] + STAGES + ROUNDS[quick] + extra,
@@ -331,6 +337,10 @@ def lightgnn_show(S, quick):
          fmt(get(r, "test", "ndcg@20")), fmt(r["train_seconds"] / 60 if r else None, ".1f")) for name, r in rows])
     print("README, round 5 (0.194 of the edges, 0.107 of the entries): test Recall@20 0.1356 = 74.1 % of the "
           "teacher's 0.1830; random pruning 0.0218; no distillation 0.0900")
+    if quick:
+        print("At this budget the distilled students have not started to learn (the uniformity terms slow the start,"
+              " and the KD terms here use 256 nodes and 10,000 triples): it runs the pipeline, the effect needs the "
+              "README's budget.")
 
 
 def kernels_runs(quick):
@@ -340,36 +350,38 @@ def kernels_runs(quick):
 
 
 def kernels_show(S, quick):
-    print(get(S, "moe", "output") or "—", "\nREADME (quiet, 2 threads): E=16 top-1 142.7 ms with _grouped_mm, 1.19x "
-          "dense; an iteration dense 47.3 ms vs UniPool 58.9 ms (1.25x)")
-    print(get(S, "attention", "output") or "—", "\nREADME (quiet, 2 threads): T=4096 forward+backward 53.5 vs 308.5 ms"
-          " (5.77x); T=8192 8.73x")
+    print(get(S, "moe", "output") or "—")
+    print("README (quiet, 2 threads): E=16 top-1 142.7 ms with _grouped_mm, 1.19x dense; an iteration dense 47.3 ms "
+          "vs UniPool 58.9 ms (1.25x)\n")
+    print(get(S, "attention", "output") or "—")
+    print("README (quiet, 2 threads): T=4096 forward+backward 53.5 vs 308.5 ms (5.77x); T=8192 8.73x")
 
 
 TABLES = {
-    "backbone": Table("LM backbone row: `python train_lm.py` (char-level Tiny Shakespeare)", "2 min", "1 min",
+    "backbone": Table("LM backbone row: `python train_lm.py` (char-level Tiny Shakespeare)", "2 min", "0.5 min",
                       lambda quick: [Run("default", "train_lm.py", LM_QUICK if quick else [])], backbone_show,
                       "nanoGPT's CPU config reaches val 1.886 in 2000 iterations"),
     "unipool": Table("UniPool vs vanilla MoE vs dense, reduced pool, ablations, 2 seeds; routing probe", "1.5 h",
                      "5 min", unipool_runs, unipool_show, "a shared pool lowers val loss by 0.029 at 182M (up to "
                      "0.039); 41.6–66.7 % of the expert budget matches or beats vanilla"),
-    "sa_softmax": Table("SA-Softmax: softmax vs SA-1 vs SA-2, 2 seeds", "1 h", "2 min", lambda quick: seeded(SA, quick),
-                        sa_show, "x·softmax(x) trains better than softmax (up to 2.7B; its tables were not available)"),
+    "sa_softmax": Table("SA-Softmax: softmax vs SA-1 vs SA-2, 2 seeds", "1 h", "1.5 min",
+                        lambda quick: seeded(SA, quick), sa_show,
+                        "x·softmax(x) trains better than softmax (up to 2.7B; its tables were not available)"),
     "sepllm": Table("SepLLM on GPT-2 BPE Shakespeare: trained, training-free, streaming (SepCache / SinkCache)",
-                    "1.5 h", "2 min", sepllm_runs, sepllm_show, "separators carry their segment: SepLLM matches "
+                    "1.5 h", "2.5 min", sepllm_runs, sepllm_show, "separators carry their segment: SepLLM matches "
                     "full attention with less KV and beats StreamingLLM"),
     "recall": Table("SepLLM on the associative-recall task: patterns, SA scores, post-training, streaming", "40 min",
-                    "2 min", recall_runs, recall_show, "a segment's information is compressed into its separator"),
+                    "4 min", recall_runs, recall_show, "a segment's information is compressed into its separator"),
     "lightgcn": Table("LightGCN: latest-small and ml-1m runs, epoch benchmark vs the reference's way", "40 min",
-                      "2 min", lightgcn_runs, lightgcn_show, "the reference code spends most of an epoch sampling "
+                      "1.3 min", lightgcn_runs, lightgcn_show, "the reference code spends most of an epoch sampling "
                       "in Python"),
     "lightgnn": Table("LightGNN on latest-small: teacher, intermediate, pruned student; random / no-KD controls",
-                      "1 h", "2 min", lightgnn_runs, lightgnn_show, "80 % fewer edges and 90 % fewer embedding "
+                      "1 h", "2.5 min", lightgnn_runs, lightgnn_show, "80 % fewer edges and 90 % fewer embedding "
                       "entries at the teacher's accuracy"),
     "unlearnrec": Table("UnlearnRec on ml-1m (quick: latest-small): 1 % x2, 5 %, adversarial; MF base", "1.5 h",
                         "2 min", unlearnrec_runs, unlearnrec_show, "> 10x faster than retraining, with retraining's "
                         "accuracy"),
-    "kernels": Table("CPU MoE dispatch and SepLLM attention benchmarks (kernels/bench.py)", "5 min", "1 min",
+    "kernels": Table("CPU MoE dispatch and SepLLM attention benchmarks (kernels/bench.py)", "5 min", "0.7 min",
                      kernels_runs, kernels_show, "(none: this project's kernels against PyTorch)"),
 }
 
@@ -431,11 +443,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:
         print("python experiments.py TABLE [--quick] [--out_dir=runs] [--data_dir=DIR] [--dry_run]\n\n"
-              f"{'table':11s} {'full':>6s} {'quick':>6s}  reproduces")
+              f"{'table':11s} {'full':>6s} {'quick':>7s}  reproduces")
         for name, t in TABLES.items():
-            print(f"{name:11s} {t.full:>6s} {t.quick:>6s}  {t.about}")
-        return print("\nTimes: 2-core CPU shared with other jobs, 1 thread per run (full: the README's runs; quick: "
-                     "measured)")
+            print(f"{name:11s} {t.full:>6s} {t.quick:>7s}  {t.about}")
+        return print("\nTimes on the 2-core CPU, 1 thread per run, other jobs beside (load average 2-4): full from "
+                     "the README's runs, quick measured")
     if not argv or argv[0] not in TABLES:
         raise UserError((f"unknown table {argv[0]!r}" if argv and not argv[0].startswith("-") else "name a table") +
                         f"; the tables are {', '.join(TABLES)} (python experiments.py list)")
