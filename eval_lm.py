@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint, load_weights, parse_flags, pick_device, run_main
+from common import UserError, load_checkpoint, load_weights, parse_flags, pick_device, run_main, write_json
 from gpt import KVCache
 from sepllm import STREAMING_SEPARATORS, SepCache, SinkCache, kept_fraction
 from train_lm import (TrainConfig, Tokenizer, build_model, check_sparse_windows, estimate_loss, get_batch,
@@ -54,6 +54,7 @@ class EvalConfig:
     stream_tokens: int = 0              # ... cut to this many tokens (0 = all)
     sep_size: int = 64                  # SepCache: separators kept, s
     cache_capacity: int = 800           # SepCache / SinkCache: capacity c
+    out_json: str = ""                  # also write the result of --probe_router/--eval_mask/--stream to this file
 
 
 def load_trained(cfg, with_data=True):
@@ -90,10 +91,13 @@ def probe_router(cfg):
         raise UserError(f"--probe_router={cfg.probe_router} but the model has layers 0..{len(layers) - 1}")
     base = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
     print(f"| layer routed at random | val loss | Δ val loss |\n|---|---|---|\n| none | {base:.4f} | |")
+    result = {"val_loss": base, "random_layer_val_loss": {}}
     for l in which:
         with random_routing(layers, [l], seed=cfg.seed):
             val = estimate_loss(model, data, saved, device, contextlib.nullcontext())["val"]
         print(f"| {l} | {val:.4f} | {val - base:+.4f} |")
+        result["random_layer_val_loss"][l] = val
+    return result
 
 
 def eval_mask(cfg):
@@ -105,12 +109,14 @@ def eval_mask(cfg):
     masks = lambda x: make_masks(saved, cfg.eval_mask, x, sep)
     loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
     x, _ = get_batch(data["val"], saved.batch_size, saved.block_size, torch.Generator().manual_seed(saved.seed + 1))
-    note = ""
+    note, r = "", {}
     if saved.dataset == "recall":
         r = recall_eval(model, data["val"], saved, device, contextlib.nullcontext(), masks)
         note = f", val answer accuracy {r['answer_acc']:.3f} (far {r['answer_acc_far']:.3f})"
+    kept = kept_fraction(masks(x.to(device)) or [None])
     print(f"{cfg.eval_mask} mask (a={saved.n_init}, w={saved.n_local}, layers {saved.layer_windows or 'all'}): "
-          f"val loss {loss:.4f}, kept fraction {kept_fraction(masks(x.to(device)) or [None]):.3f}{note}")
+          f"val loss {loss:.4f}, kept fraction {kept:.3f}{note}")
+    return {"val_loss": loss, "kept_fraction": kept, **{f"val_{k}": v for k, v in r.items()}}
 
 
 @torch.no_grad()
@@ -147,14 +153,17 @@ def stream_eval(cfg):
             kv.append(k)
             correct.append(pred[val.answers()] == e[val.answers() + 1])
         nll, kv = torch.cat(nll), torch.cat(kv)
-        note = f", answer accuracy {torch.stack(correct).float().mean():.3f} ({len(episodes)} episodes)"
+        acc = torch.stack(correct).float().mean().item()
+        note = f", answer accuracy {acc:.3f} ({len(episodes)} episodes)"
     else:
         stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
         nll, kv, _ = stream_nll(model, stream[:cfg.stream_tokens or len(stream)], new_cache(), device)
-        note = ""
-    n = len(nll)
+        note, acc = "", None
+    n, seconds = len(nll), time.time() - t0
     print(f"{cfg.stream}: {n} tokens, ppl {math.exp(nll.mean()):.2f}, average KV {kv.float().mean():.0f}, max KV "
-          f"{kv.max()}, {n / (time.time() - t0):.0f} tok/s{note}")
+          f"{kv.max()}, {n / seconds:.0f} tok/s{note}")
+    return {"tokens": n, "ppl": math.exp(nll.mean()), "average_kv": kv.float().mean().item(), "max_kv": kv.max().item(),
+            "tokens_per_second": n / seconds, "answer_acc": acc}
 
 
 
@@ -173,7 +182,10 @@ def main():
         raise UserError(f"--n_local={cfg.n_local}: the cache's local window must be >= 1")
     if cfg.stream == "sepcache" and cfg.n_init + cfg.sep_size + cfg.n_local >= cfg.cache_capacity:
         raise UserError(f"--cache_capacity={cfg.cache_capacity} must exceed n_init + sep_size + n_local")
-    {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[modes[0]](cfg)
+    run = {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[modes[0]]
+    result = run(cfg)
+    if cfg.out_json and result is not None:
+        write_json(cfg.out_json, {**result, "config": vars(cfg)})
 
 
 if __name__ == "__main__":

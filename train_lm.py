@@ -301,7 +301,8 @@ def estimate_loss(model, data, cfg, device, autocast, masks=lambda x: None):
 def recall_eval(model, val, cfg, device, autocast, masks=lambda x: None):
     """Answer accuracy (exact match of the greedy answer) on the fixed validation episodes of --dataset=recall:
     overall, for "far" queries (the queried value lies outside the local window n_local and outside the n_init
-    sinks, so a window-only pattern cannot see it), and by distance from the query to the segment's separator."""
+    sinks, so a window-only pattern cannot see it), per query of the episode (1st, 2nd, ...) and by distance from
+    the query to the segment's separator."""
     model.eval()
     correct, dist = [], []
     for b in range(0, len(val.fixed), 256):
@@ -318,6 +319,7 @@ def recall_eval(model, val, cfg, device, autocast, masks=lambda x: None):
     far = (d + 1 >= cfg.n_local) & (value_pos >= cfg.n_init)
     return {"answer_acc": c.float().mean().item(),
             "answer_acc_far": c[far].float().mean().item() if far.any() else float("nan"),
+            "answer_acc_by_query": c.float().mean(0).tolist(),
             "answer_acc_by_distance": {int(k): c[d == k].float().mean().item() for k in d.unique()}}
 
 
