@@ -19,8 +19,8 @@ What each kind reads:
 - unlearning: scores.npz (up to 2000 scores per kind) and summary.json: per model of request --step, histograms of
   the scores of the forgotten edges, of the same users' held-out interactions and of never-seen pairs.
 Runs are labelled by --labels=a,b,c, else by the config keys that differ between the runs given (their
-summary.json "config"; paths left out), else by folder name. matplotlib is the one extra package, imported when a figure is drawn; without it
-`python sepllm.py "Some text."` still prints the mask in the terminal.
+summary.json "config"; paths left out), else by folder name. matplotlib is the one extra package, imported when a
+figure is drawn; without it `python sepllm.py "Some text."` still prints the mask in the terminal.
 
 Every flag is a field of PlotConfig below, written --key=value.
 """
