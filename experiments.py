@@ -340,7 +340,8 @@ def lightgnn_show(S, quick):
          fmt(get(r, "val", "recall@20")), fmt(get(r, "test", "recall@20")),
          fmt(teacher and get(r, "test", "recall@20") and get(r, "test", "recall@20") / teacher, ".1%"),
          fmt(get(r, "test", "ndcg@20")), fmt(r["train_seconds"] / 60 if r else None, ".1f")) for name, r in rows])
-    print("README, round 3 (0.195 of the edges, 0.097 of the entries): README_LGN")
+    print("README, round 3 (0.195 of the edges, 0.097 of the entries): "
+          "test Recall@20 0.1553 = 75.0 % of the teacher's 0.2072; random pruning 0.0555; no distillation 0.1153")
     if quick:
         print("At this budget the distilled students have not started to learn (the uniformity terms slow the start,"
               " and the KD terms here use 256 nodes and 10,000 triples): it runs the pipeline, the effect needs the "
