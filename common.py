@@ -3,6 +3,7 @@ The plumbing both training scripts share, kept out of them so each reads as conf
 flags generated from a dataclass, the device, checksummed downloads, atomic checkpoints, JSON logs.
 """
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -17,13 +18,27 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, wrong checkpoint): printed as one line, exit 2."""
 
 
+_interrupt_hint = ""
+
+
+def on_interrupt(hint):
+    """What run_main says after Ctrl-C, e.g. how to resume (set by a script once it knows its out_dir)."""
+    global _interrupt_hint
+    _interrupt_hint = hint
+
+
 def run_main(main):
-    """Call main(); a UserError becomes one line on stderr and exit status 2 instead of a traceback."""
+    """Call main(); a UserError becomes one line on stderr and exit status 2 instead of a traceback, Ctrl-C one
+    line (nothing new is saved: checkpoints are only ever replaced whole) and exit status 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: nothing new was saved{'; ' + _interrupt_hint if _interrupt_hint else ''}",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def parse_flags(cls, argv):
@@ -42,7 +57,9 @@ def parse_flags(cls, argv):
             raise UserError(f"unexpected argument {arg!r}; flags look like --key=value")
         key, eq, raw = arg[2:].partition("=")
         if key not in fields:
-            raise UserError(f"unknown flag --{key}; known flags: " + " ".join(f"--{k}" for k in fields))
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            raise UserError(f"unknown flag --{key}; " + (f"did you mean --{close[0]}?" if close else
+                            "known flags: " + " ".join(f"--{k}" for k in fields)))
         typ = type(fields[key].default)
         if not eq:
             if typ is not bool:
@@ -50,6 +67,54 @@ def parse_flags(cls, argv):
             raw = "true"
         values[key] = convert(key, raw, typ)
     return cls(**values)
+
+
+def given_flags(argv):
+    """The keys of the flags on a command line (`--key=value` or `--key`), in order."""
+    return [a[2:].partition("=")[0] for a in argv if a.startswith("--")]
+
+
+def resumed_config(cls, saved, argv, may_change):
+    """The config of a resumed run: the run's saved settings (a dict from its checkpoint), with the flags given on
+    the command line on top. A given flag outside `may_change` (the settings that do not change what the run
+    computes: paths, logging, the device) must equal the saved value, else one clear error: a resumed run
+    continues exactly. Saved keys this version does not know are ignored; new keys take their defaults."""
+    now = parse_flags(cls, argv)
+    given = set(given_flags(argv)) - {"resume"}
+    diff = [f"--{k}={getattr(now, k)!r} (the run has {saved[k]!r})" for k in given - set(may_change)
+            if k in saved and saved[k] != getattr(now, k)]
+    if diff:
+        raise UserError(f"--resume continues the run exactly, so it keeps its settings: drop {', '.join(diff)}; "
+                        f"to change them, start a new run (another --out_dir, or --overwrite)")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in saved.items() if k in fields}, **{k: getattr(now, k) for k in given},
+                  "resume": True})
+
+
+RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "summary.json")
+
+
+def run_files(folder):
+    """The files a training run wrote in folder or in its sub-folders (a pipeline's stages), sorted."""
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.join(root, f) for f in files if f in RUN_FILES]
+    return sorted(found)
+
+
+def prepare_out_dir(out_dir, resume, overwrite):
+    """Nothing a user made is lost: a folder that already holds a run is only written to with --resume (continue
+    it) or --overwrite (its run files are removed first, so no stale file mixes with the new run)."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out_dir, --overwrite replaces it: pick one")
+    old = run_files(out_dir) if os.path.isdir(out_dir) else []
+    if old and not resume:
+        if not overwrite:
+            raise UserError(f"--out_dir={out_dir} already holds a run ({os.path.relpath(old[0], out_dir)}, ...): "
+                            f"continue it with --resume, replace it with --overwrite, or pass another --out_dir")
+        for f in old:
+            os.remove(f)
+    os.makedirs(out_dir, exist_ok=True)
 
 
 def convert(key, raw, typ):
