@@ -1,24 +1,25 @@
 """
-Benchmarks of the MoE dispatch and the sparse attention. Run on a quiet machine:
+Benchmarks of the kernels in kernels/ against what torch ships, on this machine (CPU or CUDA). Run it quiet:
 
-    python -m kernels.bench                 # everything
-    python -m kernels.bench --part=moe      # 1, 2 and 4 (--part=attention: 3)
+    python bench_kernels.py                   # every table for this device
+    python bench_kernels.py --part=moe        # or attention, train; --quick: fewer shapes and rounds
 
-1. (any device) One MoE layer, forward + backward, at E = 16 and 64, top-1 and top-2: unipool.py's sorted
-   dispatch with the default backend (torch._grouped_mm on CPU, Triton on CUDA) and with the per-expert
-   reference (--kernels=torch), vs the naive loop that masks tokens per expert and scatter-adds them back (the
-   Hugging Face Mixtral pattern, with per-expert weight views so it pays no extra gradient allocations) vs a
-   dense SwiGLU whose hidden size is top_k times an expert's (the same active FLOPs). The variants run in turn,
-   round after round, and each gets the median of its rounds, so load on a shared machine hits them alike.
-2. (CUDA only) kernels/moe.py's grouped_mm, forward and forward + backward, at UniPool-like shapes: the Triton
-   kernel vs the PyTorch per-expert loop vs one dense matmul of the same FLOPs, in TFLOP/s.
-3. SepLLM attention (kernels/attention.py), ~10 % separators, a = 3, w = 64: the (query, key) pairs each Triton
-   pass computes (forward, dQ, dK/dV) against the pairs rule (1) keeps; then the time, on the CPU the gathering
-   fast path vs dense SDPA with a boolean mask, on CUDA the Triton kernel vs FlexAttention with the same mask vs
-   dense SDPA.
-4. (any device) A training iteration (forward, backward, clipping, AdamW) of the default train_lm.py model with
-   dense FFNs vs UniPool (--ffn=unipool --pool_size=32), alternating blocks of iterations.
+1. MoE layer (any device), forward + backward, E = 16 and 64, top-1 and top-2: unipool.py's sorted dispatch with
+   --kernels=auto (and =triton on CUDA) and with the per-expert reference (--kernels=torch), vs the mask loop (the
+   Hugging Face Mixtral pattern) vs a dense SwiGLU of the same active FLOPs.
+2. Grouped matmul (CUDA), bf16, at MoE shapes (rows = tokens x top_k, K, N, E): kernels/moe.py's Triton kernel vs
+   torch._grouped_mm vs the per-expert loop vs one dense matmul of the same FLOPs, TFLOP/s.
+3. SepLLM attention: the (query, key) pairs each pass visits against the kept ones; then the time. CUDA, bf16:
+   the Triton kernels vs SDPA with is_causal=True (FlashAttention: the dense speed to beat) vs SDPA with the
+   boolean mask vs FlexAttention with the 128 x 128 block mask (what the official SepLLM training code uses), with
+   TFLOP/s on the kept pairs and the fixed cost at a tiny shape. CPU, fp32: the gathering fast path vs SDPA with
+   the boolean mask vs SDPA is_causal.
+4. A training iteration of train_lm.py's default model, dense FFN vs UniPool (any device).
+Variants run in turn, round after round, and each gets the median of its rounds, so load on a shared machine hits
+them alike. On CUDA every Triton config the autotuner may try is compiled first, on all cores at once.
 """
+import math
+import os
 import statistics
 import sys
 import time
@@ -30,23 +31,81 @@ import torch.nn.functional as F
 import kernels
 from common import UserError, parse_flags, run_main
 from gpt import GPT, GPTConfig, ffn_hidden_size
-from kernels.attention import TritonSepAttention, fast_attention, pairs_computed
-from kernels.moe import GroupedMM, grouped_mm_reference
-from sepllm import keep_mask
+from kernels.attention import TritonSepAttention, pairs_computed, plan_for, rule_mask
+from kernels.attention_cpu import fast_attention
+from kernels.moe import GroupedMM, TorchGroupedMM, fits_torch_grouped_mm, grouped_mm_reference
 from unipool import aux_losses, build_moe_layers, sort_by_expert
 
 
 @dataclass
 class BenchConfig:
-    tokens: int = 4096
+    part: str = "all"          # all | moe | attention | train
+    quick: bool = False        # fewer shapes and rounds (a smoke run)
+    reps: int = 10             # timed rounds per variant
+    tokens: int = 4096         # 1: the MoE layer's tokens, width, expert hidden size, expert counts
     dim: int = 256
-    hidden: int = 1024         # an expert's SwiGLU hidden size
-    experts: str = "16,64"     # the MoE layer table's expert counts
-    reps: int = 10
+    hidden: int = 1024
+    experts: str = "16,64"
     iters: int = 200           # 4: training iterations of each model (blocks of 20, alternating)
+    flex: bool = True          # 3 (CUDA): time FlexAttention too (it compiles for each shape: minutes)
     seed: int = 0
-    part: str = "all"          # all | moe | attention
 
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def alternating_medians(fns, reps):
+    """{name: median ms}: one warm-up each, then reps rounds that run every fn once, in turn."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: 1000 * statistics.median(v) for name, v in times.items()}
+
+
+def close(a, b, dtype):
+    """Agreement at the tolerance of the dtype the device computes in (fp32 on a GPU: TF32), relative to the
+    largest value of b; raises with the numbers, never silently passes a wrong kernel."""
+    tol = {torch.float32: 2e-2 if CUDA else 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+    if not err <= tol:
+        raise AssertionError(f"results differ by {err:.2e} (relative to the largest value), more than {tol:.0e}")
+
+
+def with_backend(name, fn):
+    def run():
+        kernels.set_backend(name)
+        try:
+            return fn()
+        finally:
+            kernels.set_backend("auto")
+    return run
+
+
+def precompile(fn):
+    """Run fn once with every Triton launch only compiling, all cores at once (CUDA)."""
+    if not CUDA or kernels.triton is None:
+        return
+    t = time.perf_counter()
+    with kernels.precompiling(os.cpu_count() or 4):
+        fn()
+    sync()
+    print(f"(compiled the Triton configs in {time.perf_counter() - t:.0f} s)")
+
+
+# ----------------------------------------------------------------------------- 1. MoE layer
 
 def mask_loop(layer, x):
     """For each expert: find its tokens, run them, scatter-add the gated outputs back."""
@@ -63,178 +122,207 @@ def mask_loop(layer, x):
     return y
 
 
-def alternating_medians(fns, reps):
-    """{name: median ms}: one warm-up each, then reps rounds that run every fn once, in turn."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
-    return {name: 1000 * statistics.median(v) for name, v in times.items()}
-
-
-def median_ms(fn, reps):
-    return alternating_medians({"fn": fn}, reps)["fn"]
-
-
-def with_backend(name, fn):
-    def run():
-        kernels.set_backend(name)
-        try:
-            fn()
-        finally:
-            kernels.set_backend("auto")
-    return run
-
-
 def moe_layer_bench(cfg):
-    fast = "Triton" if torch.cuda.is_available() else "torch._grouped_mm"
-    print(f"MoE layer, T={cfg.tokens}, d={cfg.dim}, expert hidden {cfg.hidden}, forward+backward, median of "
-          f"{cfg.reps} alternating rounds (ms), {torch.get_num_threads()} torch threads\n")
-    print(f"| E | top_k | sorted, {fast} | sorted, per-expert loop | mask loop | dense SwiGLU, same active FLOPs | "
-          f"mask loop / {fast} | {fast} / dense |\n|---|---|---|---|---|---|---|---|")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\n1. MoE layer on {DEVICE}, T={cfg.tokens}, d={cfg.dim}, expert hidden {cfg.hidden}, fp32, forward+backward, "
+          f"median of {cfg.reps} alternating rounds (ms), {torch.get_num_threads()} torch threads\n")
+    variants = ["auto", "triton", "torch"] if CUDA else ["auto", "torch"]
+    print("| E | top_k | " + " | ".join(f"sorted, --kernels={v}" for v in variants) +
+          " | mask loop | dense SwiGLU, same active FLOPs | auto / dense |\n|" + "---|" * (len(variants) + 5))
     for E in (int(e) for e in cfg.experts.split(",")):
         for k in (1, 2):
-            layer = build_moe_layers("moe", 1, cfg.dim, cfg.hidden, E, top_k=k, router="softmax")[0].to(device)
+            layer = build_moe_layers("moe", 1, cfg.dim, cfg.hidden, E, top_k=k, router="softmax")[0].to(DEVICE)
             shapes = [(cfg.dim, k * cfg.hidden), (cfg.dim, k * cfg.hidden), (k * cfg.hidden, cfg.dim)]
-            dense = [(0.02 * torch.randn(s, device=device)).requires_grad_() for s in shapes]
-            x = torch.randn(1, cfg.tokens, cfg.dim, device=device, requires_grad=True)
-            y_sorted, _ = layer(x)
-            torch.testing.assert_close(y_sorted[0], mask_loop(layer, x[0]), rtol=1e-4, atol=1e-5)
-            sorted_step = lambda: layer(x)[0].sum().backward()
-            t = alternating_medians({
-                "fast": sorted_step, "reference": with_backend("torch", sorted_step),
-                "mask": lambda: mask_loop(layer, x[0]).sum().backward(),
-                "dense": lambda: ((F.silu(x @ dense[0]) * (x @ dense[1])) @ dense[2]).sum().backward()}, cfg.reps)
-            print(f"| {E} | {k} | {t['fast']:.1f} | {t['reference']:.1f} | {t['mask']:.1f} | {t['dense']:.1f} | "
-                  f"{t['mask'] / t['fast']:.2f}x | {t['fast'] / t['dense']:.2f}x |")
+            dense = [(0.02 * torch.randn(s, device=DEVICE)).requires_grad_() for s in shapes]
+            x = torch.randn(1, cfg.tokens, cfg.dim, device=DEVICE, requires_grad=True)
+            step = lambda: layer(x)[0].sum().backward()
+            fns = {v: with_backend(v, step) for v in variants}
+            precompile(fns.get("triton", lambda: None))
+            for v in variants:
+                close(with_backend(v, lambda: layer(x)[0])()[0], mask_loop(layer, x[0]), torch.float32)
+            t = alternating_medians({**fns, "mask": lambda: mask_loop(layer, x[0]).sum().backward(),
+                                     "dense": lambda: ((F.silu(x @ dense[0]) * (x @ dense[1])) @ dense[2]).sum()
+                                     .backward()}, cfg.reps)
+            print(f"| {E} | {k} | " + " | ".join(f"{t[v]:.2f}" for v in variants) +
+                  f" | {t['mask']:.2f} | {t['dense']:.2f} | {t['auto'] / t['dense']:.2f}x |")
 
+
+# ----------------------------------------------------------------------------- 2. grouped matmul (CUDA)
+
+MOE_SHAPES = [(32768, 1024, 2816, 8), (32768, 2048, 1408, 64), (262144, 2048, 768, 128), (8192, 768, 3072, 64)]
+
+
+def grouped_mm_bench(cfg):
+    shapes = MOE_SHAPES[:1] + MOE_SHAPES[3:] if cfg.quick else MOE_SHAPES
+    print(f"\n2. Grouped matmul on {torch.cuda.get_device_name()}, bf16, rows routed uniformly at random, TFLOP/s "
+          f"(median of {cfg.reps}); forward+backward counts 3x the forward's FLOPs\n")
+    print("| rows | K | N | E | pass | kernels/moe.py (Triton) | torch._grouped_mm | per-expert loop | dense x @ w | "
+          "Triton / _grouped_mm | Triton / loop |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for rows, K, N, E in shapes:
+        g = torch.Generator(device="cuda").manual_seed(cfg.seed)
+        expert = torch.randint(0, E, (rows,), device="cuda", generator=g)
+        offsets = sort_by_expert(expert[:, None], E)[2]
+        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+        w = (torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5).requires_grad_()
+        dense_w = (torch.randn(K, N, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5).requires_grad_()
+        dy = torch.randn(rows, N, device="cuda", dtype=torch.bfloat16, generator=g)
+        fns = {"triton": lambda: GroupedMM.apply(x, w, offsets), "grouped": lambda: TorchGroupedMM.apply(x, w, offsets),
+               "loop": lambda: grouped_mm_reference(x, w, offsets), "dense": lambda: x @ dense_w}
+        precompile(lambda: fns["triton"]().backward(dy))
+        close(fns["triton"](), fns["grouped"](), torch.bfloat16)
+        flops = 2 * rows * K * N
+        for name, backward in (("fwd", False), ("fwd+bwd", True)):
+            run = {n: (lambda f=f: f().backward(dy)) if backward else f for n, f in fns.items()}
+            t = alternating_medians(run, cfg.reps)
+            tf = {n: (3 if backward else 1) * flops / ms / 1e9 for n, ms in t.items()}
+            print(f"| {rows} | {K} | {N} | {E} | {name} | {tf['triton']:.0f} | {tf['grouped']:.0f} | {tf['loop']:.0f} | "
+                  f"{tf['dense']:.0f} | {tf['triton'] / tf['grouped']:.2f} | {tf['triton'] / tf['loop']:.2f} |")
+        del x, w, dense_w, dy
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- 3. attention
+
+ATTENTION_SHAPES = [(4, 16, 4096, 64, 0.10), (4, 16, 4096, 128, 0.10), (2, 16, 16384, 64, 0.10),
+                    (1, 16, 32768, 128, 0.10), (2, 16, 16384, 128, 0.25)]
+
+
+def pairs_table(lengths, a, w):
+    print(f"\n(query, key) pairs per head the Triton passes visit (whole 128 x 64 tiles), a={a}, w={w}, 10 % "
+          "separators\n\n| T | causal | kept by rule (1) | forward = dQ | dK/dV | forward / kept |\n|---|---|---|---|---|---|")
+    for T in lengths:
+        keep = torch.rand(1, T, generator=torch.Generator().manual_seed(T)) < 0.1
+        p, causal = pairs_computed(keep, a, w), T * (T + 1) // 2
+        pct = lambda n: f"{n:,} ({100 * n / causal:.1f} %)"
+        print(f"| {T} | {causal:,} | {pct(p['kept'])} | {pct(p['forward'])} | {pct(p['dkdv'])} | "
+              f"{p['forward'] / p['kept']:.2f} |")
+
+
+def attention_inputs(B, H, T, D, sep, dtype, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, device=DEVICE, dtype=dtype, generator=g).requires_grad_() for _ in range(3))
+    keep = torch.rand(B, T, device=DEVICE, generator=g) < sep
+    return q, k, v, keep
+
+
+def attention_bench_cuda(cfg, a=4, w=256):
+    shapes = ATTENTION_SHAPES[:1] + ATTENTION_SHAPES[3:4] if cfg.quick else ATTENTION_SHAPES
+    pairs_table([4096, 16384, 32768], a, w)
+    print(f"\n3. SepLLM attention on {torch.cuda.get_device_name()}, bf16, a={a}, w={w}, separators at random, ms "
+          f"(median of {cfg.reps}) forward / forward+backward; TFLOP/s on the kept pairs (4·D FLOPs a pair "
+          f"forward, 14·D forward+backward, as FlashAttention counts)\n")
+    print("| B,H,T,D | sep | kept / causal | Triton | SDPA is_causal | SDPA bool mask | FlexAttention | Triton TFLOP/s "
+          "| SDPA causal / Triton | Flex / Triton |\n|---|---|---|---|---|---|---|---|---|---|")
+    for B, H, T, D, sep in shapes:
+        q, k, v, keep = attention_inputs(B, H, T, D, sep, torch.bfloat16)
+        do = torch.randn_like(q)
+        mask = rule_mask(keep, a, w)[:, None]
+        kept = mask.sum().item() * H
+        fns = {"triton": lambda: TritonSepAttention.apply(q, k, v, keep, a, w, "softmax"),
+               "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+               "mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)}
+        if cfg.flex:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            rule = lambda b, h, i, j: (j <= i) & ((j < a) | keep[b, j] | (i - j < w))
+            block_mask = create_block_mask(rule, B, None, T, T, device="cuda", BLOCK_SIZE=128)
+            flex = torch.compile(flex_attention, dynamic=False)
+            fns["flex"] = lambda: flex(q, k, v, block_mask=block_mask)
+        precompile(lambda: fns["triton"]().backward(do))
+        close(fns["triton"](), fns["mask"](), torch.bfloat16)
+        t = {}
+        for name, backward in (("fwd", False), ("bwd", True)):
+            run = {n: (lambda f=f: f().backward(do)) if backward else f for n, f in fns.items()}
+            t[name] = alternating_medians(run, cfg.reps)
+        ms = lambda n: f"{t['fwd'][n]:.2f} / {t['bwd'][n]:.2f}" if n in t["fwd"] else "-"
+        tflops = f"{4 * D * kept / t['fwd']['triton'] / 1e9:.0f} / {14 * D * kept / t['bwd']['triton'] / 1e9:.0f}"
+        ratio = lambda n: (f"{t['fwd'][n] / t['fwd']['triton']:.2f} / {t['bwd'][n] / t['bwd']['triton']:.2f}"
+                           if n in t["fwd"] else "-")
+        print(f"| {B},{H},{T},{D} | {sep:.2f} | {kept / (B * H * T * (T + 1) / 2):.3f} | {ms('triton')} | "
+              f"{ms('causal')} | {ms('mask')} | {ms('flex')} | {tflops} | {ratio('causal')} | {ratio('flex')} |")
+        del q, k, v, do, mask, fns
+        torch.cuda.empty_cache()
+    # the fixed cost: host work of a call at a tiny shape, with the plan built in the call or shared
+    q, k, v, keep = attention_inputs(1, 4, 128, 32, 0.1, torch.bfloat16)
+    fresh = lambda: TritonSepAttention.apply(q, k, v, keep.clone(), a, 32, "softmax")
+    shared = lambda: TritonSepAttention.apply(q, k, v, keep, a, 32, "softmax")
+    t = alternating_medians({"fresh": fresh, "shared": shared, "fresh_bwd": lambda: fresh().sum().backward(),
+                             "shared_bwd": lambda: shared().sum().backward()}, 50)
+    print(f"\nFixed cost at B=1, H=4, T=128, D=32 (ms): forward {t['fresh']:.3f} building the plan, "
+          f"{t['shared']:.3f} with a layer's shared plan; forward+backward {t['fresh_bwd']:.3f} / {t['shared_bwd']:.3f}")
+
+
+def attention_bench_cpu(cfg, a=3, w=64):
+    lengths = (1024, 4096) if cfg.quick else (1024, 4096, 8192)
+    pairs_table(lengths, a, w)
+    B, H, D = 1, 4, 32
+    print(f"\n3. SepLLM attention on the CPU, fp32, B={B}, H={H}, D={D}, a={a}, w={w}, 10 % separators, ms (median of "
+          f"{cfg.reps}), {torch.get_num_threads()} torch threads\n")
+    print("| T | pass | gathering fast path | SDPA bool mask | SDPA is_causal (dense anchor) | mask / fast | "
+          "causal / fast |\n|---|---|---|---|---|---|---|")
+    for T in lengths:
+        q, k, v, keep = attention_inputs(B, H, T, D, 0.1, torch.float32, seed=T)
+        mask = rule_mask(keep, a, w)[:, None]
+        fns = {"fast": lambda: fast_attention(q, k, v, keep, a, w), "mask": lambda: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask), "causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        close(fns["fast"](), fns["mask"](), torch.float32)
+        for name, backward in (("forward", False), ("forward+backward", True)):
+            run = {n: (lambda f=f: f().sum().backward()) if backward else f for n, f in fns.items()}
+            t = alternating_medians(run, cfg.reps)
+            print(f"| {T} | {name} | {t['fast']:.1f} | {t['mask']:.1f} | {t['causal']:.1f} | "
+                  f"{t['mask'] / t['fast']:.2f}x | {t['causal'] / t['fast']:.2f}x |")
+
+
+# ----------------------------------------------------------------------------- 4. training iteration
 
 def train_step_bench(cfg, block=20):
     """ms per training iteration of train_lm.py's default model (batch 12 x 64 tokens), dense vs UniPool."""
     gcfg = GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
     gen = torch.Generator().manual_seed(cfg.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=CUDA)
 
     def trainer(ffns):
-        model = GPT(gcfg, ffns)
+        model = GPT(gcfg, ffns).to(DEVICE)
         opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
 
         def step():
             for _ in range(block):
-                x, y = torch.randint(0, 65, (2, 12, 64), generator=gen)
-                out = model(x, y)
-                (out.loss + (aux_losses(ffns, out.aux, "pool", 0.01, 0.0) if ffns else 0.0)).backward()
+                x, y = torch.randint(0, 65, (2, 12, 64), generator=gen).to(DEVICE)
+                with autocast:
+                    out = model(x, y)
+                    aux = aux_losses(ffns, out.aux, "pool", 0.01, 0.0) if ffns else 0.0
+                (out.loss + aux).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         return step
 
     pool = build_moe_layers("unipool", 4, 128, ffn_hidden_size(gcfg), 8, 32, 1, 1, "norm")
-    t = alternating_medians({"dense": trainer(None), "unipool": trainer(pool)}, max(1, cfg.iters // block))
-    print(f"\nTraining iteration, train_lm.py's default model (4 layers, width 128, 768 tokens), median of "
-          f"{max(1, cfg.iters // block)} alternating blocks of {block}, {torch.get_num_threads()} torch threads\n\n"
-          f"| dense | UniPool, M = 32, NormRouter, pool loss | UniPool / dense |\n|---|---|---|\n"
-          f"| {t['dense'] / block:.1f} ms | {t['unipool'] / block:.1f} ms | {t['unipool'] / t['dense']:.2f}x |")
-
-
-def gpu_grouped_mm(reps):
-    print("\n| T | d | M | top_k | pass | Triton TFLOP/s | per-expert loop TFLOP/s | dense TFLOP/s | Triton / loop |"
-          "\n|---|---|---|---|---|---|---|---|---|")
-    for T, d, M, k in ((8192, 768, 64, 1), (8192, 768, 64, 2), (32768, 1024, 256, 1), (32768, 1024, 256, 2)):
-        hidden = 4 * d
-        indices = torch.randint(0, M, (T, k), device="cuda")
-        _, _, offsets = sort_by_expert(indices, M)
-        x = torch.randn(T * k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        w = (torch.randn(M, d, hidden, device="cuda", dtype=torch.bfloat16) / d ** 0.5).requires_grad_()
-        dense_w = (torch.randn(d, hidden, device="cuda", dtype=torch.bfloat16) / d ** 0.5).requires_grad_()
-        flops = 2 * T * k * d * hidden
-        for name, passes in (("forward", 1), ("forward+backward", 3)):
-            def step(f):
-                def run():
-                    y = f()
-                    if passes == 3:
-                        y.backward(torch.ones_like(y))
-                return run
-            t_tri = median_ms(step(lambda: GroupedMM.apply(x, w, offsets)), reps)
-            t_loop = median_ms(step(lambda: grouped_mm_reference(x, w, offsets)), reps)
-            t_dense = median_ms(step(lambda: x @ dense_w), reps)
-            tf = lambda ms: passes * flops / ms / 1e9
-            print(f"| {T} | {d} | {M} | {k} | {name} | {tf(t_tri):.0f} | {tf(t_loop):.0f} | {tf(t_dense):.0f} | "
-                  f"{t_loop / t_tri:.2f}x |")
-
-
-def pairs_table(lengths, a, w):
-    print(f"\n(query, key) pairs per head each Triton pass computes (whole tiles), a={a}, w={w}, 10 % separators\n")
-    print("| T | causal | kept by rule (1) | forward | dQ | dK/dV | forward / kept | dK/dV / forward |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for T in lengths:
-        keep = torch.rand(1, T, generator=torch.Generator().manual_seed(T)) < 0.1
-        p, causal = pairs_computed(keep, a, w), T * (T + 1) // 2
-        pct = lambda n: f"{n:,} ({100 * n / causal:.1f} %)"
-        print(f"| {T} | {causal:,} | {pct(p['kept'])} | {pct(p['forward'])} | {pct(p['dq'])} | {pct(p['dkdv'])} | "
-              f"{p['forward'] / p['kept']:.2f} | {p['dkdv'] / p['forward']:.2f} |")
-
-
-def sepllm_attention_bench(reps, device, lengths=(1024, 4096, 8192)):
-    B, H, D, a, w = 1, 4, 32, 3, 64
-    pairs_table(lengths, a, w)
-    print(f"\nSepLLM attention on {device}: B={B}, H={H}, head dim {D}, a={a}, w={w}, 10 % separators, "
-          f"median of {reps} (ms)\n")
-    fast = TritonSepAttention.apply if device == "cuda" else fast_attention
-    name = "Triton" if device == "cuda" else "gathering fast path"
-    print(f"| T | pass | {name} | dense SDPA + bool mask | dense / {name} |" + (" FlexAttention |" if device == "cuda" else "")
-          + "\n|---|---|---|---|---|" + ("---|" if device == "cuda" else ""))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    for T in lengths:
-        g = torch.Generator().manual_seed(T)
-        q, k, v = (torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
-        keep = (torch.rand(B, T, generator=torch.Generator().manual_seed(T)) < 0.1).to(device)
-        mask = keep_mask(keep, a, w)[:, None]
-        out_fast, out_dense = fast(q, k, v, keep, a, w, "softmax"), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        torch.testing.assert_close(out_fast.float(), out_dense.float(), rtol=2e-2 if device == "cuda" else 1e-4,
-                                   atol=2e-2 if device == "cuda" else 1e-5)
-        flex = None
-        if device == "cuda":
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            rule = lambda b, h, i, j: (j <= i) & ((j < a) | keep[b, j] | (i - j < w))
-            block_mask = create_block_mask(rule, B, None, T, T, device=device)
-            flex_c = torch.compile(flex_attention)
-            flex = lambda: flex_c(q, k, v, block_mask=block_mask)
-        for label, backward in (("forward", False), ("forward+backward", True)):
-            def timed(f):
-                def run():
-                    y = f()
-                    if backward:
-                        y.backward(torch.ones_like(y))
-                return median_ms(run, reps)
-            t_fast = timed(lambda: fast(q, k, v, keep, a, w, "softmax"))
-            t_dense = timed(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-            row = f"| {T} | {label} | {t_fast:.1f} | {t_dense:.1f} | {t_dense / t_fast:.2f}x |"
-            print(row + (f" {timed(flex):.1f} |" if flex else ""))
+    rounds = max(1, (cfg.iters // 4 if cfg.quick else cfg.iters) // block)
+    t = alternating_medians({"dense": trainer(None), "unipool": trainer(pool)}, rounds)
+    print(f"\n4. Training iteration on {DEVICE}{' (bf16 autocast)' if CUDA else ''}, train_lm.py's default model "
+          f"(4 layers, width 128, 768 tokens), median of {rounds} alternating blocks of {block}, "
+          f"{torch.get_num_threads()} torch threads\n\n| dense | UniPool, M = 32, NormRouter, pool loss | "
+          f"UniPool / dense |\n|---|---|---|\n| {t['dense'] / block:.1f} ms | {t['unipool'] / block:.1f} ms | "
+          f"{t['unipool'] / t['dense']:.2f}x |")
 
 
 def main():
     cfg = parse_flags(BenchConfig, sys.argv[1:])
-    if cfg.part not in ("all", "moe", "attention"):
-        raise UserError(f"--part must be all, moe or attention, got {cfg.part!r}")
+    if cfg.part not in ("all", "moe", "attention", "train"):
+        raise UserError(f"--part must be all, moe, attention or train, got {cfg.part!r}")
+    if cfg.reps < 1:
+        raise UserError(f"--reps={cfg.reps} must be >= 1")
     torch.manual_seed(cfg.seed)
-    print(f"{torch.get_num_threads()} torch threads")
+    name = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} torch threads"
+    print(f"bench_kernels on {name}, torch {torch.__version__}, triton "
+          f"{kernels.triton.__version__ if kernels.triton else '-'}")
     if cfg.part in ("all", "moe"):
         moe_layer_bench(cfg)
-        train_step_bench(cfg)
-        if torch.cuda.is_available():
-            print(f"\n{torch.cuda.get_device_name()}: grouped_mm, bf16, median of {cfg.reps}")
-            gpu_grouped_mm(cfg.reps)
+        if CUDA:
+            grouped_mm_bench(cfg)
     if cfg.part in ("all", "attention"):
-        sepllm_attention_bench(cfg.reps, "cuda" if torch.cuda.is_available() else "cpu")
+        attention_bench_cuda(cfg) if CUDA else attention_bench_cpu(cfg)
+    if cfg.part in ("all", "train"):
+        train_step_bench(cfg)
 
 
 if __name__ == "__main__":

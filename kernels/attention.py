@@ -578,7 +578,7 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n), w, st in table]
 
     def _autotuned(kernel, table):
-        return triton.autotune(attention_configs(table), key=["D", "SCORE"], warmup=5, rep=25)(kernel)
+        return triton.autotune(attention_configs(table), key=["D", "SCORE"])(kernel)
 
     _fwd_tuned = _autotuned(_fwd_kernel, FWD_CONFIGS)
     _dq_tuned = _autotuned(_dq_kernel, DQ_CONFIGS)
