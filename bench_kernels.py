@@ -315,14 +315,18 @@ def main():
     name = torch.cuda.get_device_name() if CUDA else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"bench_kernels on {name}, torch {torch.__version__}, triton "
           f"{kernels.triton.__version__ if kernels.triton else '-'}")
-    if cfg.part in ("all", "moe"):
-        moe_layer_bench(cfg)
-        if CUDA:
-            grouped_mm_bench(cfg)
-    if cfg.part in ("all", "attention"):
-        attention_bench_cuda(cfg) if CUDA else attention_bench_cpu(cfg)
-    if cfg.part in ("all", "train"):
-        train_step_bench(cfg)
+    tables = {"moe": [moe_layer_bench] + ([grouped_mm_bench] if CUDA else []),
+              "attention": [attention_bench_cuda if CUDA else attention_bench_cpu], "train": [train_step_bench]}
+    failed = []
+    for part, benches in tables.items():
+        for bench in benches if cfg.part in ("all", part) else []:
+            try:           # one table's failure (e.g. an op this torch build lacks) does not stop the others
+                bench(cfg)
+            except Exception as e:
+                failed.append(bench.__name__)
+                print(f"\n{bench.__name__} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if failed:
+        raise UserError(f"tables that failed: {', '.join(failed)} (see above)")
 
 
 if __name__ == "__main__":

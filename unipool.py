@@ -66,7 +66,9 @@ def sort_by_expert(indices, n_experts, keep=None):
     if keep is not None:
         flat = torch.where(keep.reshape(-1), flat, n_experts)                     # n_experts: "dropped"
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
+    # counts by a scatter-add into n_experts + 1 bins: bincount would read max(flat) on the host (a GPU sync)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))[:n_experts]
     offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
     return order, counts, offsets
 
