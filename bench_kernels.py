@@ -48,6 +48,7 @@ class BenchConfig:
     experts: str = "16,64"
     iters: int = 200           # 4: training iterations of each model (blocks of 20, alternating)
     flex: bool = True          # 3 (CUDA): time FlexAttention too (it compiles for each shape: minutes)
+    shapes: str = ""           # 2, 3 (CUDA): which rows of the shape lists to run, e.g. 0,3; "" = all
     seed: int = 0
 
 
@@ -151,32 +152,47 @@ def moe_layer_bench(cfg):
 MOE_SHAPES = [(32768, 1024, 2816, 8), (32768, 2048, 1408, 64), (262144, 2048, 768, 128), (8192, 768, 3072, 64)]
 
 
+def pick(cfg, shapes):
+    if cfg.shapes:
+        return [shapes[int(i)] for i in cfg.shapes.split(",")]
+    return shapes[:1] + shapes[3:4] if cfg.quick else shapes
+
+
 def grouped_mm_bench(cfg):
-    shapes = MOE_SHAPES[:1] + MOE_SHAPES[3:] if cfg.quick else MOE_SHAPES
+    shapes = pick(cfg, MOE_SHAPES)
     print(f"\n2. Grouped matmul on {torch.cuda.get_device_name()}, bf16, rows routed uniformly at random, TFLOP/s "
           f"(median of {cfg.reps}); forward+backward counts 3x the forward's FLOPs\n")
-    print("| rows | K | N | E | pass | kernels/moe.py (Triton) | torch._grouped_mm | per-expert loop | dense x @ w | "
-          "Triton / _grouped_mm | Triton / loop |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("torch._grouped_mm runs twice: on this project's weight layout (E, K, N) row-major with rows past the experts "
+          "zeroed (TorchGroupedMM, what --kernels=auto would call), and bare on the layout CUTLASS prefers (w stored "
+          "(E, N, K), passed transposed)\n")
+    print("| rows | K | N | E | pass | kernels/moe.py (Triton) | torch._grouped_mm, (E, K, N) | torch._grouped_mm, "
+          "(E, N, K)ᵀ | per-expert loop | dense x @ w | Triton / best _grouped_mm | Triton / loop |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rows, K, N, E in shapes:
         g = torch.Generator(device="cuda").manual_seed(cfg.seed)
         expert = torch.randint(0, E, (rows,), device="cuda", generator=g)
         offsets = sort_by_expert(expert[:, None], E)[2]
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
         w = (torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5).requires_grad_()
+        w_nk = w.detach().transpose(1, 2).contiguous().requires_grad_()                    # (E, N, K)
+        ends = offsets[1:].to(torch.int32)
         dense_w = (torch.randn(K, N, device="cuda", dtype=torch.bfloat16, generator=g) / K ** 0.5).requires_grad_()
         dy = torch.randn(rows, N, device="cuda", dtype=torch.bfloat16, generator=g)
         fns = {"triton": lambda: GroupedMM.apply(x, w, offsets), "grouped": lambda: TorchGroupedMM.apply(x, w, offsets),
+               "bare": lambda: torch._grouped_mm(x, w_nk.transpose(1, 2), offs=ends),
                "loop": lambda: grouped_mm_reference(x, w, offsets), "dense": lambda: x @ dense_w}
         precompile(lambda: fns["triton"]().backward(dy))
-        close(fns["triton"](), fns["grouped"](), torch.bfloat16)
+        for other in ("grouped", "bare", "loop"):
+            close(fns["triton"](), fns[other](), torch.bfloat16)
         flops = 2 * rows * K * N
         for name, backward in (("fwd", False), ("fwd+bwd", True)):
             run = {n: (lambda f=f: f().backward(dy)) if backward else f for n, f in fns.items()}
             t = alternating_medians(run, cfg.reps)
             tf = {n: (3 if backward else 1) * flops / ms / 1e9 for n, ms in t.items()}
-            print(f"| {rows} | {K} | {N} | {E} | {name} | {tf['triton']:.0f} | {tf['grouped']:.0f} | {tf['loop']:.0f} | "
-                  f"{tf['dense']:.0f} | {tf['triton'] / tf['grouped']:.2f} | {tf['triton'] / tf['loop']:.2f} |")
-        del x, w, dense_w, dy
+            best = max(tf["grouped"], tf["bare"])
+            print(f"| {rows} | {K} | {N} | {E} | {name} | {tf['triton']:.0f} | {tf['grouped']:.0f} | {tf['bare']:.0f} | "
+                  f"{tf['loop']:.0f} | {tf['dense']:.0f} | {tf['triton'] / best:.2f} | {tf['triton'] / tf['loop']:.2f} |")
+        del x, w, w_nk, dense_w, dy
         torch.cuda.empty_cache()
 
 
@@ -205,7 +221,7 @@ def attention_inputs(B, H, T, D, sep, dtype, seed=0):
 
 
 def attention_bench_cuda(cfg, a=4, w=256):
-    shapes = ATTENTION_SHAPES[:1] + ATTENTION_SHAPES[3:4] if cfg.quick else ATTENTION_SHAPES
+    shapes = pick(cfg, ATTENTION_SHAPES)
     pairs_table([4096, 16384, 32768], a, w)
     print(f"\n3. SepLLM attention on {torch.cuda.get_device_name()}, bf16, a={a}, w={w}, separators at random, ms "
           f"(median of {cfg.reps}) forward / forward+backward; TFLOP/s on the kept pairs (4·D FLOPs a pair "
@@ -240,14 +256,32 @@ def attention_bench_cuda(cfg, a=4, w=256):
               f"{ms('causal')} | {ms('mask')} | {ms('flex')} | {tflops} | {ratio('causal')} | {ratio('flex')} |")
         del q, k, v, do, mask, fns
         torch.cuda.empty_cache()
-    # the fixed cost: host work of a call at a tiny shape, with the plan built in the call or shared
+    fixed_cost(a)
+
+
+def fixed_cost(a, calls=200):
+    """The host work of a call at a tiny shape: mean ms of `calls` calls in a row (one sync at the end), with the
+    plan built in every call (a new keep tensor) or shared (the layers of one forward pass), and where it goes."""
     q, k, v, keep = attention_inputs(1, 4, 128, 32, 0.1, torch.bfloat16)
-    fresh = lambda: TritonSepAttention.apply(q, k, v, keep.clone(), a, 32, "softmax")
-    shared = lambda: TritonSepAttention.apply(q, k, v, keep, a, 32, "softmax")
-    t = alternating_medians({"fresh": fresh, "shared": shared, "fresh_bwd": lambda: fresh().sum().backward(),
-                             "shared_bwd": lambda: shared().sum().backward()}, 50)
-    print(f"\nFixed cost at B=1, H=4, T=128, D=32 (ms): forward {t['fresh']:.3f} building the plan, "
-          f"{t['shared']:.3f} with a layer's shared plan; forward+backward {t['fresh_bwd']:.3f} / {t['shared_bwd']:.3f}")
+    keeps = [keep.clone() for _ in range(calls)]
+    variants = {"forward, plan built": lambda i: TritonSepAttention.apply(q, k, v, keeps[i], a, 32, "softmax"),
+                "forward, plan shared": lambda i: TritonSepAttention.apply(q, k, v, keep, a, 32, "softmax")}
+    variants["forward+backward, plan shared"] = lambda i: variants["forward, plan shared"](i).sum().backward()
+    print("\nFixed cost of a call at B=1, H=4, T=128, D=32 (host work; ms per call, 200 calls in a row):")
+    for name, f in variants.items():
+        f(0)
+        sync()
+        t = time.perf_counter()
+        for i in range(calls):
+            f(i)
+        sync()
+        print(f"  {name}: {1000 * (time.perf_counter() - t) / calls:.3f}")
+    import cProfile
+    import pstats
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [variants["forward, plan shared"](i) for i in range(calls)])
+    print("  where the shared-plan forward's host time goes (cProfile, top 8 by own time):")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(8)
 
 
 def attention_bench_cpu(cfg, a=3, w=64):

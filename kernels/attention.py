@@ -578,7 +578,8 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n), w, st in table]
 
     def _autotuned(kernel, table):
-        return triton.autotune(attention_configs(table), key=["D", "SCORE"])(kernel)
+        # tuned per head dim, score, heads and length: the best tile changes with how many programs fill the GPU
+        return triton.autotune(attention_configs(table), key=["D", "SCORE", "H", "T"])(kernel)
 
     _fwd_tuned = _autotuned(_fwd_kernel, FWD_CONFIGS)
     _dq_tuned = _autotuned(_dq_kernel, DQ_CONFIGS)
