@@ -67,13 +67,14 @@ def check(fn, pattern, score, n_init, n_local, dtype, tol, T=45, device="cpu", D
 
 
 def windows(bm, bn):
-    """Window sizes that end a couple of keys past a tile boundary, from the tile sizes."""
-    return sorted({2, bm + 2, bn + 2})
+    """Window sizes that end a key or two before or past a tile boundary, from the tile sizes: a bound of the
+    kernels that is off by a couple of keys shows at one of them (and at none of 7, 40 or 64)."""
+    return sorted({1, 2, bm - 2, bm - 1, bm + 2, bn + 2})
 
 
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("n_local", [1, 7, 64])  # 64 >= T: full causal attention
+@pytest.mark.parametrize("n_local", [1, 2, 7, 18, 64])  # 18: two past the 16-query block; 64 >= T: full causal
 def test_cpu_fast_path_equals_definition(score, pattern, n_local):
     check(lambda *a: fast_attention(*a, block=16), pattern, score, 3, n_local, torch.float64, 1e-10)
 
@@ -106,6 +107,19 @@ def test_triton_at_every_tile_size_and_window(bm, bn, n_local, monkeypatch):
     monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=bm, BLOCK_N=bn))
     check(TritonSepAttention.apply, "random", "sa_norm", 2, n_local, torch.float32, 3e-5, T=2 * max(bm, bn) + 13,
           H=1)
+
+
+@triton_missing
+@pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 32)])
+def test_triton_window_sweep_against_small_tiles(bm, bn, monkeypatch):
+    # every window within two keys of a multiple of either tile size, up to past two tiles: a loop bound that is
+    # off by a key or two shows at one of them. One sink (a = 1), so the keys a wrong bound lets through are no sinks
+    monkeypatch.setattr(kernels, "autotune", False)
+    monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=bm, BLOCK_N=bn))
+    near = {k * t + d for t in (bm, bn) for k in range(3) for d in range(-2, 3)}
+    for n_local in sorted(w for w in near if w >= 1):
+        check(TritonSepAttention.apply, "random", "softmax", 1, n_local, torch.float32, 3e-5, T=3 * max(bm, bn) + 5,
+              H=1)
 
 
 @triton_missing
