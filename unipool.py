@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.moe import expert_groups, grouped_mm
+from kernels.moe import grouped_mm
 from normrouter import NormRouter, RouterOutput, SoftmaxRouter, router_z_loss
 
 ROUTERS = ("softmax", "norm", "mixtral")
@@ -66,7 +66,9 @@ def sort_by_expert(indices, n_experts, keep=None):
     if keep is not None:
         flat = torch.where(keep.reshape(-1), flat, n_experts)                     # n_experts: "dropped"
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts + 1)[:n_experts]
+    # counts by a scatter-add into n_experts + 1 bins: bincount would read max(flat) on the host (a GPU sync)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))[:n_experts]
     offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
     return order, counts, offsets
 
@@ -98,10 +100,9 @@ class MoE(nn.Module):
         order, counts, offsets = sort_by_expert(r.indices, self.pool.n_experts, keep=r.gates > 0)
         # index_select, not h[idx]: its backward is an index_add, cheaper on the CPU than indexing's index_put
         xs = h.index_select(0, order // k)                                        # (N·k, d) rows sorted by expert
-        groups = expert_groups(offsets, xs)                                       # once for the 3 matmuls
         # e_i(x) = W2 (silu(W1 x) * W3 x), one grouped matmul per weight (rows of dropped pairs: zero)
-        a = F.silu(grouped_mm(xs, self.pool.w1, groups)) * grouped_mm(xs, self.pool.w3, groups)
-        ys = grouped_mm(a, self.pool.w2, groups)                                  # (N·k, d)
+        a = F.silu(grouped_mm(xs, self.pool.w1, offsets)) * grouped_mm(xs, self.pool.w3, offsets)
+        ys = grouped_mm(a, self.pool.w2, offsets)                                  # (N·k, d)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=order.device)            # un-sort with a gather
         y = ys.index_select(0, inverse).view(-1, k, d)                            # (N, k, d)

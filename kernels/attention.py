@@ -1,53 +1,59 @@
 """
-Sparse attention for SepLLM (and StreamingLLM, FixLLM), with SA-Softmax fused: a Triton kernel, a fast CPU path
-in plain PyTorch, and the dense masked reference.
+Sparse attention for SepLLM (and StreamingLLM, FixLLM) with SA-Softmax fused: Triton kernels for the forward and
+backward passes, beside the dense masked reference (the CPU fast path is kernels/attention_cpu.py).
 
 Query i attends key j iff  j ≤ i  and  ( j < a  or  keep[j]  or  i − j < w )      (sepllm.py, rule (1))
 keep[j] marks separators (SepLLM), nothing (StreamingLLM) or every k-th token (FixLLM).
 
-Where the speed comes from. A dense masked attention computes all T² scores and throws most away. Block
-skipping (FlexAttention's 128x128 block masks) saves little, since separators are ~10-25 % of tokens and
-nearly every key tile holds one. Instead, for a block of queries [q0, q1):
-  - the window is one contiguous key range [lo, q1) with lo = q0 − w + 1;
-  - everything left of it that is visible (sinks and separators, the positions j < lo with j < a or keep[j])
-    is a prefix of ONE sorted list of kept positions per sequence (the "columns"), gathered.
-Cost per query block: (#kept before lo + w + block) keys instead of q1. Each (query, key) pair belongs to exactly
-one of the two parts (column if j < lo, window if j ≥ lo), so a separator inside the window is counted once.
+Where the speed comes from. A dense masked attention computes all T² scores and throws most away, and block
+skipping (FlexAttention's 128 x 128 block masks) saves little, since separators are 10-25 % of the tokens and
+nearly every key block holds one. Instead, for a block of queries [q0, q1):
+  - the window is ONE contiguous key range [lo, q1) with lo = q0 − w + 1;
+  - everything visible left of it (sinks and separators j < lo) is a prefix of ONE sorted list of kept positions
+    per sequence, `cols`, read through an index (a gather).
+Each (query, key) pair belongs to exactly one part (column if j < lo, window if j ≥ lo), so a separator inside the
+window is counted once. The plan is three small arrays per batch, built without reading anything on the host
+and shared by every layer of a forward pass: cols, kept_before[j] = #kept positions < j (so a block's columns are
+cols[:kept_before[lo]]) and the separator flags.
 
-    for each query block (b, h, q0):                         # FlashAttention-2 style, one online softmax
+Most tiles need no mask at all, so the kernel sorts them by what they need (the loops below, in this order):
+    columns, full tiles        every query of the block sees every column: no mask
+    columns, last tile         mask the columns past kept_before[lo]
+    window, left edge          rows whose window ends inside the tile: rule (1) with the separator flags
+    window, inside             i − j < w and j ≤ i for every pair: no mask
+    window, diagonal           causal mask j ≤ i only
+Worked example: w = 256, 128 x 64 tiles, q0 = 1024 → lo = 769, the window range 769..1151 is 6 tiles: 2 edge
+tiles (769..896), 2 inside (897..1024), 2 diagonal (1025..1152); with 10 % separators the 77 columns left of
+769 are one full tile and one of 13.
+
+    for each query block (b, h, q0):              # FlashAttention-2: one online softmax, scores in log2 units
         m, l, acc, acc_x, x_min, x_max = -inf, 0, 0, 0, +inf, -inf
-        for chunk of the gathered columns, then chunk of [lo, q1):
-            x = q K_chunk^T / sqrt(d), masked by rule (1)
-            m' = max(m, rowmax x);  p = exp(x - m');  α = exp(m - m')
-            l = α l + Σ p;  acc = α acc + p V;  acc_x = α acc_x + (x ⊙ p) V        (acc_x only for SA)
-            x_min, x_max (and where they are) = running min / max of the visible x    (SA-2)
+        for each tile (as above):  s = q K_tileᵀ · log2(e)/√d  (masked: -inf)
+            m' = max(m, rowmax s);  p = 2^(s − m');  α = 2^(m − m')
+            l = α l + Σ p;  acc = α acc + p V;  acc_x = α acc_x + (x ⊙ p) V      (x = s · ln 2; SA only)
+            x_min, x_max (and where they are) = running min / max of the visible x   (SA-2)
         softmax: acc / l     SA-1: acc_x / l     SA-2: (acc_x − a acc) / ((b − a) l),  a = min(x_min, 0), b = max(x_max, 0)
-
 (SA-2 by the flash-friendly identity Σ ((x−a)/(b−a)) p v = (Σ x p v − a Σ p v)/(b − a).)
 
-Backward, from the saved log-sum-exp (p = exp(x − lse)), g = dO·v_j, δ = dO·O, each pair again visited once:
+Backward, from the saved log-sum-exp (p = exp(x − lse)), g = dO·v_j, δ = dO·O (a small kernel of its own), each
+pair again visited once:
     softmax:  dx = p (g − δ)                          weights w = p
     SA-1:     dx = p (g (1 + x) − δ)                  w = x p
     SA-2:     dx = p (g (1/(b−a) + u) − δ)            w = u p,  u = (x − a)/(b − a)
               + (δ − dO·O_softmax)/(b − a) at the row's arg-min (if a < 0)
               − δ/(b − a) at the row's arg-max (if b > 0)
-    dQ = Σ dx K / sqrt(d),  dK = Σ dx^T Q / sqrt(d),  dV = Σ w^T dO
+    dQ = Σ dx K / √d,  dK = Σ dxᵀ Q / √d,  dV = Σ wᵀ dO
 (the last line of SA-2 is the gradient through the row's min and max, which the public implementation does not
 detach; on an exact tie the first position takes all of it, where torch.amin would split it).
-Three Triton passes, none with atomics: dQ (query-block major, the forward's loops); dK/dV over the columns (each
-program owns BLOCK_N gathered columns and walks the query blocks whose forward gathered them, j < lo); dK/dV over
-the window (each program owns a key block and walks the few query blocks whose window range [lo, q1) holds it),
-adding the column pass's partial sums for its kept keys. dQ computes the forward's pairs; dK/dV the same column
-pairs and about the same window pairs (`pairs_computed`, printed by kernels/bench.py). The forward saves what
-SA-2's backward needs (the softmax output for dO·O_softmax, a, b and where x_min, x_max are), so SA-1/SA-2 run the
-same three passes as softmax.
+Three passes, no atomics: dQ query-major over the forward's tiles; dK/dV of the columns (a program owns BLOCK_N
+gathered columns and walks the query blocks that gathered them, j < lo, into fp32 partial sums per column); dK/dV
+of the window, key-major (a program owns a key block, walks the few query blocks whose window range holds it,
+and adds the column partial sums of its kept keys). The key-major passes build scores key by query (k qᵀ), so no
+tile is transposed. Tile sizes are autotuned on the GPU; on the CPU the same kernels run in Triton's interpreter.
 
-The CPU fast path gathers, per block of 128 queries, the columns left of the block's window plus the window range,
-and runs SDPA (or SA-Softmax) on the gathered keys; its backward differentiates each block's small graph and
-index-adds the gathered keys' gradients (touching only the gathered keys, as the forward did).
-
-Backends (kernels/__init__.py): auto = Triton on CUDA, the fast path elsewhere; triton; torch = the dense
-reference. Under TRITON_INTERPRET=1 the Triton path runs on the CPU (fp32 / fp16; not bf16).
+Backends (kernels/__init__.py): auto and triton = these kernels on CUDA (nothing in torch computes this pattern
+without the T² mask); on the CPU auto = the gathering fast path (kernels/attention_cpu.py), triton = these kernels
+interpreted; torch = the dense reference. `python bench_kernels.py --part=attention` measures them.
 """
 import math
 from typing import NamedTuple
@@ -55,14 +61,14 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels import backend, triton, use_triton
-from sa_softmax import sa_softmax
-from sepllm import keep_mask
+from kernels import backend, launch, triton
+from kernels.attention_cpu import fast_attention, sa_weights
 
 if triton is not None:
     import triton.language as tl
 
 SCORES = {"softmax": 0, "sa": 1, "sa_norm": 2}
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 
 
 def check_inputs(q, k, v, keep):
@@ -79,212 +85,181 @@ def check_inputs(q, k, v, keep):
                          f"{keep.dtype} {tuple(keep.shape)} on {keep.device}")
 
 
-# ----------------------------------------------------------------------------- reference and CPU fast path
+# ----------------------------------------------------------------------------- reference
+
+def rule_mask(keep, n_init, n_local):
+    """Rule (1) as a dense (B, T, T) bool mask, True = query i may attend key j."""
+    T = keep.shape[-1]
+    i = torch.arange(T, device=keep.device)[:, None]
+    j = torch.arange(T, device=keep.device)[None, :]
+    return (j <= i) & ((j < n_init) | keep[:, None, :] | (i - j < n_local))
+
 
 def reference_attention(q, k, v, keep, n_init, n_local, score="softmax"):
     """Dense masked attention, the definition: q, k, v (B, H, T, D), keep (B, T) bool."""
-    mask = keep_mask(keep, n_init, n_local)[:, None]                              # (B, 1, T, T)
+    mask = rule_mask(keep, n_init, n_local)[:, None]                               # (B, 1, T, T)
     if score == "softmax":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    x = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    return sa_softmax(x, mask=mask, normalized=score == "sa_norm") @ v
+    f32 = torch.promote_types(q.dtype, torch.float32)                             # fp32 at least (bf16 scores)
+    x = q.to(f32) @ k.to(f32).transpose(-2, -1) / math.sqrt(q.shape[-1])         # (B, H, T, T)
+    return sa_weights(x, mask, score).to(v.dtype) @ v
 
 
-def kept_columns(keep, n_init):
-    """The visible-beyond-the-window keys (j < a or keep[j]) of each sequence: their positions in order, followed
-    by the other positions, (B, T) int64, and kept_before (B, T+1): how many of them lie left of each position."""
-    kept = keep.clone()
-    kept[:, :n_init] = True
-    cols = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)               # kept positions first, in order
-    return cols, F.pad(torch.cumsum(kept, 1), (1, 0))
+# ----------------------------------------------------------------------------- the plan
+
+class Plan(NamedTuple):
+    """What the kernels read besides q, k, v: per sequence b,"""
+    sep: torch.Tensor          # (B, T) uint8: keep[j]
+    cols: torch.Tensor         # (B, T + 1) int32: the kept positions (j < a or keep[j]) in order (the first
+                               #   kept_before[b, T] entries; the rest unused)
+    kept_before: torch.Tensor  # (B, T + 1) int32: kept positions left of j (= a kept key's index in cols)
+    n_init: int
 
 
-def _query_blocks(keep, n_init, n_local, block):
-    """For each block of queries [q0, q1): the gathered key positions idx (B, S) (the columns left of the window,
-    then the window range [lo, q1)) and which (query, key) pairs rule (1) allows, (B, q1 − q0, S)."""
+def make_plan(keep, n_init):
     B, T = keep.shape
-    cols, kept_before = kept_columns(keep, n_init)
     kept = keep | (torch.arange(T, device=keep.device) < n_init)
-    for q0 in range(0, T, block):
-        q1 = min(q0 + block, T)
-        lo = max(0, q0 - n_local + 1)
-        n = kept_before[:, lo]                                                    # (B,) columns left of the window
-        n_max = int(n.max())
-        idx = torch.cat([cols[:, :n_max], torch.arange(lo, q1, device=keep.device).expand(B, -1)], 1)   # (B, S)
-        # a column (j < lo) is visible to every query of the block; in the window range rule (1) decides
-        columns = (torch.arange(n_max, device=keep.device) < n[:, None])[:, None, :].expand(B, q1 - q0, n_max)
-        i = torch.arange(q0, q1, device=keep.device)[:, None]                     # (Tq, 1)
-        j = torch.arange(lo, q1, device=keep.device)[None, :]                     # (1, q1 - lo)
-        window = (j <= i) & (kept[:, None, lo:q1] | (i - j < n_local))            # (B, Tq, q1 - lo)
-        yield q0, q1, idx, torch.cat([columns, window], 2)
+    kept_before = F.pad(torch.cumsum(kept, 1, dtype=torch.int32), (1, 0))         # (B, T+1)
+    # cols[kept_before[j]] = j for every kept j; the others all write to the spare entry T, which nothing reads
+    slot = torch.where(kept, kept_before[:, :-1].long(), T)
+    cols = torch.zeros(B, T + 1, dtype=torch.int32, device=keep.device)
+    cols.scatter_(1, slot, torch.arange(T, dtype=torch.int32, device=keep.device).expand(B, T))
+    return Plan(keep.to(torch.uint8), cols, kept_before, n_init)
 
 
-def _gather_rows(k, idx):
-    """k (B, H, T, D) contiguous, idx (B, S) -> the flat row numbers of k[b, h, idx[b, s]], (B*H*S,)."""
-    B, H, T, D = k.shape
-    return (torch.arange(B * H, device=k.device).view(B, H, 1) * T + idx[:, None, :]).flatten()
+_last_plan = None
 
 
-def _attend(q, k, v, allowed, score):
-    """Attention of q (B, H, Tq, D) over gathered keys k, v (B, H, S, D), allowed (B, Tq, S)."""
-    if score == "softmax":  # an additive mask: SDPA would convert a boolean one in the forward and the backward
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None])
-    x = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])                         # (B, H, Tq, S)
-    return sa_softmax(x, mask=allowed[:, None], normalized=score == "sa_norm") @ v
+def plan_for(keep, n_init):
+    """The layers of a forward pass share one keep tensor: its plan is built once and reused while it is the
+    same tensor, unmodified (its version counter unchanged), with the same n_init."""
+    global _last_plan
+    if _last_plan is None or _last_plan[0] is not keep or _last_plan[1] != (keep._version, n_init):
+        _last_plan = (keep, (keep._version, n_init), make_plan(keep, n_init))
+    return _last_plan[2]
 
 
-class _GatheredAttention(torch.autograd.Function):
-    """The CPU fast path with a backward as sparse as its forward. Each query block's attention runs under autograd
-    on its own gathered keys; the backward differentiates those small graphs and adds into dK, dV only at the
-    gathered rows (autograd through a gather would instead add one dense (B, H, T, D) gradient per block)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, keep, n_init, n_local, score, block):
-        B, H, T, D = q.shape
-        k, v = k.contiguous(), v.contiguous()
-        out, ctx.blocks = torch.empty_like(q), []
-        for q0, q1, idx, allowed in _query_blocks(keep, n_init, n_local, block):
-            rows = _gather_rows(k, idx)
-            with torch.enable_grad():
-                q_b = q[:, :, q0:q1].detach().requires_grad_()                    # (B, H, Tq, D)
-                k_b = k.view(-1, D).index_select(0, rows).view(B, H, -1, D).requires_grad_()   # (B, H, S, D)
-                v_b = v.view(-1, D).index_select(0, rows).view(B, H, -1, D).requires_grad_()
-                o_b = _attend(q_b, k_b, v_b, allowed, score)
-            out[:, :, q0:q1] = o_b.detach()
-            ctx.blocks.append((q0, q1, rows, o_b, q_b, k_b, v_b))
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        B, H, T, D = do.shape
-        dq, dk, dv = torch.empty_like(do), do.new_zeros(B * H * T, D), do.new_zeros(B * H * T, D)
-        for q0, q1, rows, o_b, q_b, k_b, v_b in ctx.blocks:
-            dq_b, dk_b, dv_b = torch.autograd.grad(o_b, (q_b, k_b, v_b), do[:, :, q0:q1])
-            dq[:, :, q0:q1] = dq_b
-            dk.index_add_(0, rows, dk_b.reshape(-1, D))                           # padding columns add zeros
-            dv.index_add_(0, rows, dv_b.reshape(-1, D))
-        ctx.blocks = None
-        return dq, dk.view(B, H, T, D), dv.view(B, H, T, D), None, None, None, None, None
-
-
-def fast_attention(q, k, v, keep, n_init, n_local, score="softmax", block=128):
-    """Per query block: gather the visible columns left of the window, take the window as it is, attend."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _GatheredAttention.apply(q, k, v, keep, n_init, n_local, score, block)
-    B, H, T, D = q.shape
-    k, v, out = k.contiguous(), v.contiguous(), torch.empty_like(q)
-    for q0, q1, idx, allowed in _query_blocks(keep, n_init, n_local, block):
-        rows = _gather_rows(k, idx)
-        k_b, v_b = (t.view(-1, D).index_select(0, rows).view(B, H, -1, D) for t in (k, v))
-        out[:, :, q0:q1] = _attend(q[:, :, q0:q1], k_b, v_b, allowed, score)
-    return out
-
-
-# ----------------------------------------------------------------------------- the Triton schedule and its cost
-
-BLOCK_M, BLOCK_N = 32, 32       # queries, keys per tile
-
-
-class Schedule(NamedTuple):
-    """Host-side plan shared by the kernels and by `pairs_computed`."""
-    sep: torch.Tensor          # (B, T) int8: keep[j]
-    cols: torch.Tensor         # (B, T) int32: kept positions (j < a or keep[j]) in order, then the others
-    kept_before: torch.Tensor  # (B, T+1) int32: kept positions left of each position (= a kept key's column)
-    ncols: torch.Tensor        # (B, n_q) int32: columns left of each query block's window, j < lo
-    col_qstart: torch.Tensor   # (B, n_c) int32: first query block that gathers each block of BLOCK_N columns
-    n_init: int                # a and w, clamped to T
-    n_local: int
-    n_q: int                   # query blocks
-    n_c: int                   # key blocks = column blocks
-
-
-def schedule(keep, n_init, n_local):
-    """The kept columns and, per query block and per column block, where the kernels' loops start and end."""
+def pairs_computed(keep, n_init, n_local, block_m=128, block_n=64):
+    """(query, key) pairs per head, summed over the batch: `kept` by rule (1), and the pairs the forward (= dQ)
+    and the two dK/dV passes evaluate (block_m x block_n per tile they visit, masked entries included)."""
     B, T = keep.shape
-    a, w = min(n_init, T), min(n_local, T)
-    cols, kept_before = kept_columns(keep, a)
-    n_q, n_c = -(-T // BLOCK_M), -(-T // BLOCK_N)
-    lo = (torch.arange(n_q, device=keep.device) * BLOCK_M - w + 1).clamp(min=0)                         # (n_q,)
-    c0 = torch.arange(n_c, device=keep.device) * BLOCK_N
-    # the first query block whose window starts right of the block's first column j: q0 − w + 1 > j ⇔ q0 ≥ j + w
-    q_start = (cols[:, c0] + w + BLOCK_M - 1) // BLOCK_M
-    col_qstart = torch.where(c0 < kept_before[:, T:], q_start.clamp(max=n_q), n_q)
-    i32 = lambda t: t.to(torch.int32).contiguous()
-    return Schedule(keep.to(torch.int8).contiguous(), i32(cols), i32(kept_before), i32(kept_before[:, lo]),
-                    i32(col_qstart), a, w, n_q, n_c)
-
-
-def pairs_computed(keep, n_init, n_local):
-    """(query, key) pairs per head, summed over the batch: `kept` by rule (1), and the pairs each Triton pass
-    evaluates (BLOCK_M x BLOCK_N per tile it visits, masked entries included): forward, dq, dkdv."""
-    s = schedule(keep, n_init, n_local)
-    B, T = keep.shape
-    w, tile, dev = s.n_local, BLOCK_M * BLOCK_N, keep.device
-    i = torch.arange(T, device=dev)
+    w = min(n_local, T)
+    s = make_plan(keep, n_init)
+    i = torch.arange(T, device=keep.device)
     # row i keeps min(w, i + 1) window keys and the kept keys left of its window
     kept = (i + 1).clamp(max=w).sum() * B + s.kept_before[:, (i - w + 1).clamp(min=0)].sum()
-    q0 = torch.arange(s.n_q, device=dev) * BLOCK_M
-    q1, lo = (q0 + BLOCK_M).clamp(max=T), (q0 - w + 1).clamp(min=0)
-    cdiv = lambda x: (x + BLOCK_N - 1) // BLOCK_N
-    fwd = (cdiv(s.ncols).sum() + B * cdiv(q1 - lo).sum()) * tile
-    k0 = torch.arange(s.n_c, device=dev) * BLOCK_N
-    window_qblocks = ((k0 + BLOCK_N + w - 2) // BLOCK_M).clamp(max=s.n_q - 1) - k0 // BLOCK_M + 1
-    dkdv = ((s.n_q - s.col_qstart).sum() + B * window_qblocks.sum()) * tile
-    return {"kept": int(kept), "forward": int(fwd), "dq": int(fwd), "dkdv": int(dkdv)}
+    n_q = -(-T // block_m)
+    q0 = torch.arange(n_q, device=keep.device) * block_m
+    lo, q1 = (q0 - w + 1).clamp(min=0), (q0 + block_m).clamp(max=T)
+    cdiv = lambda x, y: (x + y - 1) // y
+    fwd = (cdiv(s.kept_before[:, lo], block_n).sum() + B * cdiv(q1 - lo, block_n).sum()) * block_m * block_n
+    # dK/dV, columns: a block of block_n columns from the first query block with q0 ≥ its first column + w
+    n_kept = s.kept_before[:, T]
+    c0 = torch.arange(-(-T // block_n), device=keep.device) * block_n
+    first = cdiv(s.cols[:, c0.clamp(max=T)].long() + w, block_m).clamp(max=n_q)
+    cols = torch.where(c0 < n_kept[:, None], n_q - first, 0).sum()
+    # dK/dV, window: key block k0 meets the query blocks from k0's to the last with lo < k0 + block_n
+    k0 = torch.arange(-(-T // block_n), device=keep.device) * block_n
+    window = ((k0 + block_n + w - 2) // block_m).clamp(max=n_q - 1) - k0 // block_m + 1
+    return {"kept": int(kept), "forward": int(fwd), "dq": int(fwd),
+            "dkdv": int((cols + B * window.sum()) * block_m * block_n)}
 
 
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-    @triton.jit
-    def _scores(q, k, kpos, kvalid, offs_m, sep_ptr, n_init, n_local, scale):
-        """Scaled scores of a query block against one chunk of keys k (BLOCK_N, D), and which rule (1) allows."""
-        x = tl.dot(q, tl.trans(k)) * scale                                        # (BLOCK_M, BLOCK_N)
-        sep = tl.load(sep_ptr + kpos, mask=kvalid, other=0) != 0
-        rule = (kpos[None, :] < n_init) | sep[None, :] | (offs_m[:, None] - kpos[None, :] < n_local)
-        allowed = kvalid[None, :] & (kpos[None, :] <= offs_m[:, None]) & rule
-        return x, allowed
+    # what a tile needs (the table in the docstring): no mask, the gathered columns' count, causal, rule (1)
+    FULL, PARTIAL, CAUSAL, RULE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
     @triton.jit
-    def _fwd_chunk(q, kpos, kvalid, offs_m, k_base, v_base, sep_ptr, stride_kt, n_init, n_local, scale,
-                   m_i, l_i, acc, acc_x, x_min, x_max, i_min, i_max, D: tl.constexpr, SCORE: tl.constexpr):
+    def _visible(kpos, kvalid, offs_m, sep_ptr, T, n_init, n_local, MODE: tl.constexpr):
+        """Which (query, key) pairs of a tile rule (1) keeps, for the tiles that need a mask."""
+        if MODE == PARTIAL:    # gathered columns: all visible, the ones past the block's count excepted
+            ok = kvalid[None, :] & (offs_m[:, None] >= 0)
+        elif MODE == CAUSAL:
+            ok = kpos[None, :] <= offs_m[:, None]
+        else:                  # RULE: j ≤ i and (j < a or keep[j] or i − j < w)
+            sep = tl.load(sep_ptr + kpos, mask=kpos < T, other=0) != 0
+            ok = (kpos[None, :] <= offs_m[:, None]) & ((kpos[None, :] < n_init) | sep[None, :]
+                                                       | (offs_m[:, None] - kpos[None, :] < n_local))
+        return ok
+
+    @triton.jit
+    def _load_rows(base, kpos, stride_t, T, D: tl.constexpr, MODE: tl.constexpr):
+        """(BLOCK_N, D) rows kpos of one head; tiles that may reach past T mask the load."""
         d = tl.arange(0, D)
-        k = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kvalid[:, None], other=0.0)
-        v = tl.load(v_base + kpos[:, None] * stride_kt + d[None, :], mask=kvalid[:, None], other=0.0)
-        x, allowed = _scores(q, k, kpos, kvalid, offs_m, sep_ptr, n_init, n_local, scale)
-        x_masked = tl.where(allowed, x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x_masked, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                     # a row with nothing visible yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(x_masked - m_safe[:, None])
+        if MODE >= CAUSAL:
+            rows = tl.load(base + kpos[:, None] * stride_t + d[None, :], mask=kpos[:, None] < T, other=0.0)
+        else:
+            rows = tl.load(base + kpos[:, None] * stride_t + d[None, :])
+        return rows
+
+    @triton.jit
+    def _fwd_tile(acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max, q, offs_m, kpos, kvalid, k_base, v_base,
+                  stride_kt, stride_vt, sep_ptr, T, n_init, n_local, qk_scale,
+                  D: tl.constexpr, MODE: tl.constexpr, SCORE: tl.constexpr):
+        """One tile of the online softmax (module docstring); scores s in log2 units, x = s ln 2."""
+        k = _load_rows(k_base, kpos, stride_kt, T, D, MODE)
+        v = _load_rows(v_base, kpos, stride_vt, T, D, MODE)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                    # (BLOCK_M, BLOCK_N)
+        if MODE != FULL:
+            ok = _visible(kpos, kvalid, offs_m, sep_ptr, T, n_init, n_local, MODE)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MODE >= CAUSAL:                            # a row may see nothing yet: keep its shift finite
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        alpha = tl.exp2(m_i - m_new_safe)
+        p = tl.exp2(s - m_new_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         if SCORE > 0:
-            acc_x = acc_x * alpha[:, None] + tl.dot((tl.where(allowed, x, 0.0) * p).to(v.dtype), v)
-        if SCORE == 2:  # running min / max of the visible scores and where they are (first position on ties)
-            x_hi = tl.where(allowed, x, float("inf"))
-            c_min, c_max = tl.min(x_hi, 1), tl.max(x_masked, 1)
-            p_min = tl.min(tl.where(x_hi == c_min[:, None], kpos[None, :], 1 << 30), 1)
-            p_max = tl.min(tl.where(x_masked == c_max[:, None], kpos[None, :], 1 << 30), 1)
-            i_min = tl.where(c_min < x_min, p_min, i_min)
-            i_max = tl.where(c_max > x_max, p_max, i_max)
-            x_min, x_max = tl.minimum(x_min, c_min), tl.maximum(x_max, c_max)
-        return m_new, l_i, acc, acc_x, x_min, x_max, i_min, i_max
+            x = s * 0.6931471805599453                                            # q kᵀ / √d
+            if MODE != FULL:
+                x = tl.where(ok, x, 0.0)
+            acc_x = acc_x * alpha[:, None] + tl.dot((x * p).to(v.dtype), v)
+            if SCORE == 2:  # running min / max of the visible scores and where they are (first position on ties)
+                if MODE != FULL:
+                    x_hi, x_lo = tl.where(ok, x, float("inf")), tl.where(ok, x, float("-inf"))
+                else:
+                    x_hi, x_lo = x, x
+                c_min, c_max = tl.min(x_hi, 1), tl.max(x_lo, 1)
+                p_min = tl.min(tl.where(x_hi == c_min[:, None], kpos[None, :], 1 << 30), 1)
+                p_max = tl.min(tl.where(x_lo == c_max[:, None], kpos[None, :], 1 << 30), 1)
+                i_min = tl.where(c_min < x_min, p_min, i_min)
+                i_max = tl.where(c_max > x_max, p_max, i_max)
+                x_min, x_max = tl.minimum(x_min, c_min), tl.maximum(x_max, c_max)
+        return acc, acc_x, m_new, l_i, x_min, x_max, i_min, i_max
 
     @triton.jit
-    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, o1_ptr, ab_ptr, arg_ptr, sep_ptr, cols_ptr, ncols_ptr,
-                    H, T, n_init, n_local, scale, stride_b, stride_h, stride_t, n_qblocks,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORE: tl.constexpr):
-        # SCORE: 0 softmax, 1 SA-1, 2 SA-2. q, k, v, o contiguous (B, H, T, D); lse (B*H, T); for SA-2 also
-        # o1 = the softmax output (B, H, T, D), ab = (a, b) (B*H, T, 2), arg = where x_min, x_max are (B*H, T, 2).
-        # sep (B, T) int8; cols (B, T) kept positions in order; ncols (B, n_qblocks) how many lie left of the window
-        qb, bh = tl.program_id(0), tl.program_id(1)
+    def _window_tiles(q0, T, n_local, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The window range [lo, q1) of query block q0 in tiles of BLOCK_N from lo: the first t_edge need rule
+        (1) (a row's window ends inside them), tiles t_edge..t_diag need no mask, the rest the causal one."""
+        lo = tl.maximum(q0 - n_local + 1, 0)
+        n_tiles = tl.cdiv(tl.minimum(q0 + BLOCK_M, T) - lo, BLOCK_N)
+        t_edge = tl.minimum(tl.cdiv(tl.maximum(q0 + BLOCK_M - n_local - lo, 0), BLOCK_N), n_tiles)
+        t_diag = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(q0 - BLOCK_N + 2 - lo, 0), BLOCK_N), n_tiles), t_edge)
+        return lo, n_tiles, t_edge, t_diag
+
+    @triton.jit
+    def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, o1_ptr, ab_ptr, arg_ptr, sep_ptr, cols_ptr, kb_ptr,
+                    H, T, n_init, n_local, qk_scale,
+                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                    D: tl.constexpr, SCORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program (query block, b·H + h). lse (B·H, T) fp32 in log2 units. SCORE: 0 softmax, 1 SA-1, 2 SA-2; for
+        # SA-2 also o1 = the softmax output (like o), ab = (a, b) and arg = where x_min, x_max are, (B·H, T, 2).
+        # sep (B, T) uint8; cols, kb (B, T+1) int32: the plan
+        qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
-        base = b * stride_b + h * stride_h
-        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        q0 = qb * BLOCK_M
+        offs_m = q0 + tl.arange(0, BLOCK_M)
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + base + offs_m[:, None] * stride_t + d[None, :], mask=offs_m[:, None] < T, other=0.0)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + d[None, :],
+                    mask=offs_m[:, None] < T, other=0.0)
+        k_base, v_base = k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh
+        sep_b, cols_b = sep_ptr + b * T, cols_ptr + b * (T + 1)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -293,27 +268,40 @@ if triton is not None:
         x_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         i_min = tl.zeros((BLOCK_M,), tl.int32)
         i_max = tl.zeros((BLOCK_M,), tl.int32)
-        sep_b = sep_ptr + b * T
-        # 1. the gathered columns (sinks and kept keys left of the window)
-        n_cols = tl.load(ncols_ptr + b * n_qblocks + qb)
-        for c0 in range(0, n_cols, BLOCK_N):
-            c = c0 + tl.arange(0, BLOCK_N)
-            kvalid = c < n_cols
-            kpos = tl.load(cols_ptr + b * T + c, mask=kvalid, other=0)
-            m_i, l_i, acc, acc_x, x_min, x_max, i_min, i_max = _fwd_chunk(
-                q, kpos, kvalid, offs_m, k_ptr + base, v_ptr + base, sep_b, stride_t, n_init, n_local, scale,
-                m_i, l_i, acc, acc_x, x_min, x_max, i_min, i_max, D, SCORE)
-        # 2. the window, contiguous: [lo, q1)
-        lo = tl.maximum(qb * BLOCK_M - n_local + 1, 0)
-        q1 = tl.minimum(qb * BLOCK_M + BLOCK_M, T)
-        for n0 in range(lo, q1, BLOCK_N):
-            kpos = n0 + tl.arange(0, BLOCK_N)
-            m_i, l_i, acc, acc_x, x_min, x_max, i_min, i_max = _fwd_chunk(
-                q, kpos, kpos < q1, offs_m, k_ptr + base, v_ptr + base, sep_b, stride_t, n_init, n_local, scale,
-                m_i, l_i, acc, acc_x, x_min, x_max, i_min, i_max, D, SCORE)
+        lo, n_tiles, t_edge, t_diag = _window_tiles(q0, T, n_local, BLOCK_M, BLOCK_N)
+        n_cols = tl.load(kb_ptr + b * (T + 1) + lo)                               # columns left of the window
+        n_full = (n_cols // BLOCK_N) * BLOCK_N
+        # 1. the gathered columns: full tiles, then the last one
+        for c0 in range(0, n_full, BLOCK_N):
+            kpos = tl.load(cols_b + c0 + tl.arange(0, BLOCK_N))
+            acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max = _fwd_tile(
+                acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max, q, offs_m, kpos, kpos, k_base, v_base,
+                stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, FULL, SCORE)
+        if n_full < n_cols:
+            c = n_full + tl.arange(0, BLOCK_N)
+            kpos = tl.load(cols_b + c, mask=c < n_cols, other=0)
+            acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max = _fwd_tile(
+                acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max, q, offs_m, kpos, c < n_cols, k_base, v_base,
+                stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, PARTIAL, SCORE)
+        # 2. the window [lo, q1): left edge, inside, diagonal
+        for t in range(0, t_edge):
+            kpos = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max = _fwd_tile(
+                acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max, q, offs_m, kpos, kpos, k_base, v_base,
+                stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, RULE, SCORE)
+        for t in range(t_edge, t_diag):
+            kpos = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max = _fwd_tile(
+                acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max, q, offs_m, kpos, kpos, k_base, v_base,
+                stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, FULL, SCORE)
+        for t in range(t_diag, n_tiles):
+            kpos = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max = _fwd_tile(
+                acc, acc_x, m_i, l_i, x_min, x_max, i_min, i_max, q, offs_m, kpos, kpos, k_base, v_base,
+                stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, CAUSAL, SCORE)
         row_ok = offs_m < T
         l_i = tl.where(row_ok, l_i, 1.0)                                           # rows past T are not stored
-        out_ptrs = base + offs_m[:, None] * stride_t + d[None, :]
+        o_ptrs = o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + d[None, :]
         if SCORE == 0:
             out = acc / l_i[:, None]
         elif SCORE == 1:
@@ -324,19 +312,52 @@ if triton is not None:
             den = (bb - a) * l_i
             den_safe = tl.where(den > 0, den, 1.0)                                 # all scores 0: weights 0
             out = tl.where(den[:, None] > 0, (acc_x - a[:, None] * acc) / den_safe[:, None], 0.0)
-            tl.store(o1_ptr + out_ptrs, (acc / l_i[:, None]).to(o1_ptr.dtype.element_ty), mask=row_ok[:, None])
+            o1_ptrs = o1_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + d[None, :]
+            tl.store(o1_ptrs, (acc / l_i[:, None]).to(o1_ptr.dtype.element_ty), mask=row_ok[:, None])
             rows = bh * T + offs_m
             tl.store(ab_ptr + rows * 2, a, mask=row_ok)
             tl.store(ab_ptr + rows * 2 + 1, bb, mask=row_ok)
             tl.store(arg_ptr + rows * 2, i_min, mask=row_ok)
             tl.store(arg_ptr + rows * 2 + 1, i_max, mask=row_ok)
-        tl.store(o_ptr + out_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(lse_ptr + bh * T + offs_m, m_i + tl.log(l_i), mask=row_ok)
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptr + bh * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+    @triton.jit
+    def _delta_kernel(o_ptr, do_ptr, delta_ptr, H, T, stride_ob, stride_oh, stride_ot,
+                      stride_db, stride_dh, stride_dt, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """δ_i = dO_i · O_i in fp32, (B·H, T)."""
+        qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        ok = offs_m[:, None] < T
+        o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + d[None, :], mask=ok,
+                    other=0.0)
+        do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + d[None, :], mask=ok,
+                     other=0.0)
+        tl.store(delta_ptr + bh * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
+
+    @triton.jit
+    def _bwd_weights(p, x, dp, delta, sa_a, sa_inv, sa_ga, sa_gb, at_min, at_max, SCORE: tl.constexpr):
+        """A tile's weights w (for dV) and dL/dx (for dQ, dK) from p, the scores x (0 where masked) and
+        dp = dO·v; the row statistics come broadcast to the tile (module docstring, Backward)."""
+        if SCORE == 0:
+            w = p
+            ds = p * (dp - delta)
+        elif SCORE == 1:
+            w = x * p
+            ds = p * (dp * (1.0 + x) - delta)
+        else:
+            u = (x - sa_a) * sa_inv
+            w = u * p
+            ds = p * (dp * (sa_inv + u) - delta) + tl.where(at_min, sa_ga, 0.0) + tl.where(at_max, sa_gb, 0.0)
+        return w, ds
 
     @triton.jit
     def _row_stats(lse_ptr, delta_ptr, sa_ptr, arg_ptr, rows, row_ok, SCORE: tl.constexpr):
-        """Per query row: lse, δ = dO·O and, for SA-2, a, 1/(b − a), dL/da, dL/db and where x_min, x_max are."""
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        """Per query row: lse (+inf past T, so p = 0 there), δ and, for SA-2, a, 1/(b − a), dL/da, dL/db and
+        where x_min, x_max are."""
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         if SCORE == 2:
             sa_a = tl.load(sa_ptr + rows * 4, mask=row_ok, other=0.0)
@@ -355,186 +376,264 @@ if triton is not None:
         return lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max
 
     @triton.jit
-    def _bwd_tile(x, allowed, g, kpos, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, SCORE: tl.constexpr):
-        """One tile of the backward: the weights w (for dV) and dL/dx (for dQ, dK); g = dO V^T."""
-        p = tl.where(allowed, tl.exp(x - lse[:, None]), 0.0)
-        if SCORE == 0:
-            w = p
-            ds = p * (g - delta[:, None])
-        elif SCORE == 1:
-            x0 = tl.where(allowed, x, 0.0)
-            w = x0 * p
-            ds = p * (g * (1.0 + x0) - delta[:, None])
-        else:
-            u = (tl.where(allowed, x, 0.0) - sa_a[:, None]) * sa_inv[:, None]
-            w = u * p
-            ds = p * (g * (sa_inv[:, None] + u) - delta[:, None])
-            ds += tl.where(allowed & (kpos[None, :] == i_min[:, None]), sa_ga[:, None], 0.0)
-            ds += tl.where(allowed & (kpos[None, :] == i_max[:, None]), sa_gb[:, None], 0.0)
-        return w, ds
+    def _dq_tile(dq, q, do, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, offs_m, kpos, kvalid, k_base,
+                 v_base, stride_kt, stride_vt, sep_ptr, T, n_init, n_local, qk_scale,
+                 D: tl.constexpr, MODE: tl.constexpr, SCORE: tl.constexpr):
+        k = _load_rows(k_base, kpos, stride_kt, T, D, MODE)
+        v = _load_rows(v_base, kpos, stride_vt, T, D, MODE)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                                    # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse[:, None])
+        x = s * 0.6931471805599453
+        ok = kpos[None, :] >= 0
+        if MODE != FULL:
+            ok = _visible(kpos, kvalid, offs_m, sep_ptr, T, n_init, n_local, MODE)
+            p = tl.where(ok, p, 0.0)
+            x = tl.where(ok, x, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        w, ds = _bwd_weights(p, x, dp, delta[:, None], sa_a[:, None], sa_inv[:, None], sa_ga[:, None],
+                             sa_gb[:, None], ok & (kpos[None, :] == i_min[:, None]),
+                             ok & (kpos[None, :] == i_max[:, None]), SCORE)
+        return dq + tl.dot(ds.to(k.dtype), k)
 
     @triton.jit
-    def _dq_chunk(q, do, kpos, kvalid, offs_m, k_base, v_base, sep_ptr, stride_kt, n_init, n_local, scale,
-                  lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, dq, D: tl.constexpr, SCORE: tl.constexpr):
-        d = tl.arange(0, D)
-        k = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :], mask=kvalid[:, None], other=0.0)
-        v = tl.load(v_base + kpos[:, None] * stride_kt + d[None, :], mask=kvalid[:, None], other=0.0)
-        x, allowed = _scores(q, k, kpos, kvalid, offs_m, sep_ptr, n_init, n_local, scale)
-        w, ds = _bwd_tile(x, allowed, tl.dot(do, tl.trans(v)), kpos, lse, delta, sa_a, sa_inv, sa_ga, sa_gb,
-                          i_min, i_max, SCORE)
-        return dq + tl.dot(ds.to(k.dtype), k) * scale
-
-    @triton.jit
-    def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sa_ptr, arg_ptr, dq_ptr, sep_ptr, cols_ptr,
-                   ncols_ptr, H, T, n_init, n_local, scale, stride_b, stride_h, stride_t, n_qblocks,
-                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORE: tl.constexpr):
-        # the forward's loops: the gathered columns, then the window range
-        qb, bh = tl.program_id(0), tl.program_id(1)
+    def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, lse_ptr, delta_ptr, sa_ptr, arg_ptr, sep_ptr, cols_ptr,
+                   kb_ptr, H, T, n_init, n_local, qk_scale, sm_scale,
+                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                   stride_db, stride_dh, stride_dt, stride_ob, stride_oh, stride_ot,
+                   D: tl.constexpr, SCORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the forward's tiles, in the same order; dq (like o: stride_o*) = Σ dx K / √d
+        qb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
-        base = b * stride_b + h * stride_h
-        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        q0 = qb * BLOCK_M
+        offs_m = q0 + tl.arange(0, BLOCK_M)
         d = tl.arange(0, D)
         row_ok = offs_m < T
-        q = tl.load(q_ptr + base + offs_m[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptr + base + offs_m[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + d[None, :],
+                     mask=row_ok[:, None], other=0.0)
         lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max = _row_stats(lse_ptr, delta_ptr, sa_ptr, arg_ptr,
                                                                           bh * T + offs_m, row_ok, SCORE)
+        k_base, v_base = k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh
+        sep_b, cols_b = sep_ptr + b * T, cols_ptr + b * (T + 1)
         dq = tl.zeros((BLOCK_M, D), tl.float32)
-        sep_b = sep_ptr + b * T
-        n_cols = tl.load(ncols_ptr + b * n_qblocks + qb)
-        for c0 in range(0, n_cols, BLOCK_N):
-            c = c0 + tl.arange(0, BLOCK_N)
-            kvalid = c < n_cols
-            kpos = tl.load(cols_ptr + b * T + c, mask=kvalid, other=0)
-            dq = _dq_chunk(q, do, kpos, kvalid, offs_m, k_ptr + base, v_ptr + base, sep_b, stride_t, n_init,
-                           n_local, scale, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, dq, D, SCORE)
-        lo = tl.maximum(qb * BLOCK_M - n_local + 1, 0)
-        q1 = tl.minimum(qb * BLOCK_M + BLOCK_M, T)
-        for n0 in range(lo, q1, BLOCK_N):
-            kpos = n0 + tl.arange(0, BLOCK_N)
-            dq = _dq_chunk(q, do, kpos, kpos < q1, offs_m, k_ptr + base, v_ptr + base, sep_b, stride_t, n_init,
-                           n_local, scale, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, dq, D, SCORE)
-        tl.store(dq_ptr + base + offs_m[:, None] * stride_t + d[None, :], dq.to(dq_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
+        lo, n_tiles, t_edge, t_diag = _window_tiles(q0, T, n_local, BLOCK_M, BLOCK_N)
+        n_cols = tl.load(kb_ptr + b * (T + 1) + lo)
+        n_full = (n_cols // BLOCK_N) * BLOCK_N
+        for c0 in range(0, n_full, BLOCK_N):
+            kpos = tl.load(cols_b + c0 + tl.arange(0, BLOCK_N))
+            dq = _dq_tile(dq, q, do, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, offs_m, kpos, kpos,
+                          k_base, v_base, stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, FULL, SCORE)
+        if n_full < n_cols:
+            c = n_full + tl.arange(0, BLOCK_N)
+            kpos = tl.load(cols_b + c, mask=c < n_cols, other=0)
+            dq = _dq_tile(dq, q, do, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, offs_m, kpos, c < n_cols,
+                          k_base, v_base, stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, PARTIAL,
+                          SCORE)
+        for t in range(0, t_edge):
+            kpos = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            dq = _dq_tile(dq, q, do, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, offs_m, kpos, kpos,
+                          k_base, v_base, stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, RULE, SCORE)
+        for t in range(t_edge, t_diag):
+            kpos = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            dq = _dq_tile(dq, q, do, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, offs_m, kpos, kpos,
+                          k_base, v_base, stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, FULL, SCORE)
+        for t in range(t_diag, n_tiles):
+            kpos = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            dq = _dq_tile(dq, q, do, lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max, offs_m, kpos, kpos,
+                          k_base, v_base, stride_kt, stride_vt, sep_b, T, n_init, n_local, qk_scale, D, CAUSAL,
+                          SCORE)
+        tl.store(dq_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + d[None, :],
+                 (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _dkdv_tile(dk, dv, k, v, kpos, kvalid, kept, m0, q_base, do_base, stride_qt, stride_dt, lse_ptr, delta_ptr,
+                   sa_ptr, arg_ptr, bh, T, n_local, qk_scale,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, MODE: tl.constexpr, SCORE: tl.constexpr):
+        """Keys kpos (BLOCK_N) against the query block at m0, key by query: sᵀ = k qᵀ, no transposed tile.
+        MODE FULL: every pair; PARTIAL: the column pass's pairs, j < lo (= j + w ≤ m0); RULE: the window pass's
+        pairs, rule (1) with j ≥ lo."""
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        row_ok = offs_m < T
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dt + d[None, :], mask=row_ok[:, None], other=0.0)
+        lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max = _row_stats(lse_ptr, delta_ptr, sa_ptr, arg_ptr,
+                                                                          bh * T + offs_m, row_ok, SCORE)
+        s = tl.dot(k, tl.trans(q)) * qk_scale                                    # (BLOCK_N, BLOCK_M)
+        p = tl.exp2(s - lse[None, :])
+        x = s * 0.6931471805599453
+        ok = kpos[:, None] >= 0
+        if MODE == PARTIAL:
+            ok = kvalid[:, None] & (kpos[:, None] + n_local <= m0) & row_ok[None, :]
+        elif MODE == RULE:
+            ok = ((kpos[:, None] >= m0 - n_local + 1) & (kpos[:, None] <= offs_m[None, :])
+                  & (kept[:, None] | (offs_m[None, :] - kpos[:, None] < n_local)))
+        if MODE != FULL:
+            p = tl.where(ok, p, 0.0)
+            x = tl.where(ok, x, 0.0)
+        dp = tl.dot(v, tl.trans(do))                                             # (BLOCK_N, BLOCK_M)
+        w, ds = _bwd_weights(p, x, dp, delta[None, :], sa_a[None, :], sa_inv[None, :], sa_ga[None, :],
+                             sa_gb[None, :], ok & (kpos[:, None] == i_min[None, :]),
+                             ok & (kpos[:, None] == i_max[None, :]), SCORE)
+        dv += tl.dot(w.to(do.dtype), do)
+        dk += tl.dot(ds.to(q.dtype), q)
+        return dk, dv
 
     @triton.jit
     def _dkdv_cols_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sa_ptr, arg_ptr, dkc_ptr, dvc_ptr,
-                          cols_ptr, kept_before_ptr, qstart_ptr, H, T, n_local, scale, stride_b, stride_h, stride_t,
-                          n_qblocks, n_cblocks,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORE: tl.constexpr):
-        # program (cb, bh) owns the gathered columns [cb BLOCK_N, cb BLOCK_N + BLOCK_N) of sequence b and walks
-        # the query blocks whose forward gathered them (j < lo); its sums go to dkc, dvc (B*H, T, D) fp32, row =
-        # column index, for the window pass to add
-        cb, bh = tl.program_id(0), tl.program_id(1)
+                          cols_ptr, kb_ptr, H, T, n_local, qk_scale, sm_scale,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                          stride_vt, stride_db, stride_dh, stride_dt,
+                          D: tl.constexpr, SCORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program (column block, b·H + h) owns the gathered columns [cb BLOCK_N, cb BLOCK_N + BLOCK_N) and walks the
+        # query blocks that gathered them (j < lo ⇔ q0 ≥ j + w); its sums go to dkc, dvc (B·H, T, D) fp32 at row
+        # (column index), for the window pass to add
+        cb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
-        base = b * stride_b + h * stride_h
-        d = tl.arange(0, D)
-        c = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-        cvalid = c < tl.load(kept_before_ptr + b * (T + 1) + T)
-        kpos = tl.load(cols_ptr + b * T + c, mask=cvalid, other=0)
-        k = tl.load(k_ptr + base + kpos[:, None] * stride_t + d[None, :], mask=cvalid[:, None], other=0.0)
-        v = tl.load(v_ptr + base + kpos[:, None] * stride_t + d[None, :], mask=cvalid[:, None], other=0.0)
-        dk = tl.zeros((BLOCK_N, D), tl.float32)
-        dv = tl.zeros((BLOCK_N, D), tl.float32)
-        q_start = tl.load(qstart_ptr + b * n_cblocks + cb)
-        for m0 in range(q_start * BLOCK_M, n_qblocks * BLOCK_M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < T
-            q = tl.load(q_ptr + base + offs_m[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptr + base + offs_m[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0)
-            lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max = _row_stats(lse_ptr, delta_ptr, sa_ptr, arg_ptr,
-                                                                              bh * T + offs_m, row_ok, SCORE)
-            # a kept column left of the block's window is visible to all its rows (sinks and kept keys, j < i)
-            allowed = row_ok[:, None] & cvalid[None, :] & (kpos[None, :] < m0 - n_local + 1)
-            x = tl.dot(q, tl.trans(k)) * scale
-            w, ds = _bwd_tile(x, allowed, tl.dot(do, tl.trans(v)), kpos, lse, delta, sa_a, sa_inv, sa_ga, sa_gb,
-                              i_min, i_max, SCORE)
-            dv += tl.dot(tl.trans(w).to(do.dtype), do)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
-        rows = bh * T + c
-        tl.store(dkc_ptr + rows[:, None] * D + d[None, :], dk * scale, mask=cvalid[:, None])
-        tl.store(dvc_ptr + rows[:, None] * D + d[None, :], dv, mask=cvalid[:, None])
+        n_kept = tl.load(kb_ptr + b * (T + 1) + T)
+        c0 = cb * BLOCK_N
+        if c0 < n_kept:
+            c = c0 + tl.arange(0, BLOCK_N)
+            cvalid = c < n_kept
+            cols_b = cols_ptr + b * (T + 1)
+            kpos = tl.load(cols_b + c, mask=cvalid, other=0)
+            k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, kpos, stride_kt, T, D, FULL)
+            v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, kpos, stride_vt, T, D, FULL)
+            q_base, do_base = q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_db + h * stride_dh
+            dk = tl.zeros((BLOCK_N, D), tl.float32)
+            dv = tl.zeros((BLOCK_N, D), tl.float32)
+            n_q = tl.cdiv(T, BLOCK_M)
+            first = tl.minimum(tl.cdiv(tl.load(cols_b + c0) + n_local, BLOCK_M), n_q)       # some columns gathered
+            every = tl.minimum(tl.cdiv(tl.load(cols_b + tl.minimum(c0 + BLOCK_N, n_kept) - 1) + n_local, BLOCK_M),
+                               n_q)                                                             # all of them
+            if c0 + BLOCK_N > n_kept:       # the last, partial block of columns: masked everywhere
+                every = n_q
+            for qb in range(first, every):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kpos, cvalid, cvalid, qb * BLOCK_M, q_base, do_base, stride_qt,
+                                    stride_dt, lse_ptr, delta_ptr, sa_ptr, arg_ptr, bh, T, n_local, qk_scale, D,
+                                    BLOCK_M, PARTIAL, SCORE)
+            for qb in range(every, n_q):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kpos, cvalid, cvalid, qb * BLOCK_M, q_base, do_base, stride_qt,
+                                    stride_dt, lse_ptr, delta_ptr, sa_ptr, arg_ptr, bh, T, n_local, qk_scale, D,
+                                    BLOCK_M, FULL, SCORE)
+            d = tl.arange(0, D)
+            rows = bh * T + c
+            tl.store(dkc_ptr + rows[:, None] * D + d[None, :], dk * sm_scale, mask=cvalid[:, None])
+            tl.store(dvc_ptr + rows[:, None] * D + d[None, :], dv, mask=cvalid[:, None])
 
     @triton.jit
     def _dkdv_window_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, sa_ptr, arg_ptr, dk_ptr, dv_ptr,
-                            dkc_ptr, dvc_ptr, sep_ptr, kept_before_ptr, H, T, n_init, n_local, scale,
-                            stride_b, stride_h, stride_t, n_qblocks,
-                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCORE: tl.constexpr):
-        # program (kb, bh) owns keys [k0, k0 + BLOCK_N) and walks the query blocks whose window range [lo, q1)
-        # holds one of them: from the block of k0 to the last with lo < k0 + BLOCK_N
-        kb, bh = tl.program_id(0), tl.program_id(1)
+                            dkc_ptr, dvc_ptr, sep_ptr, kb_ptr, H, T, n_init, n_local, qk_scale, sm_scale,
+                            stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                            stride_vt, stride_db, stride_dh, stride_dt, stride_ob, stride_oh, stride_ot,
+                            D: tl.constexpr, SCORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program (key block, b·H + h) owns keys [k0, k0 + BLOCK_N) and walks the query blocks whose window range
+        # [lo, q1) holds one of them: from k0's block to the last with lo < k0 + BLOCK_N. The ones in the middle
+        # see every pair (k0 + BLOCK_N − 1 ≤ q0 and q0 + BLOCK_M − 1 − k0 < w): no mask there
+        kb, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
-        base = b * stride_b + h * stride_h
-        d = tl.arange(0, D)
         k0 = kb * BLOCK_N
         kpos = k0 + tl.arange(0, BLOCK_N)
         kvalid = kpos < T
-        k = tl.load(k_ptr + base + kpos[:, None] * stride_t + d[None, :], mask=kvalid[:, None], other=0.0)
-        v = tl.load(v_ptr + base + kpos[:, None] * stride_t + d[None, :], mask=kvalid[:, None], other=0.0)
+        k = _load_rows(k_ptr + b * stride_kb + h * stride_kh, kpos, stride_kt, T, D, CAUSAL)
+        v = _load_rows(v_ptr + b * stride_vb + h * stride_vh, kpos, stride_vt, T, D, CAUSAL)
+        kept = kvalid & ((tl.load(sep_ptr + b * T + kpos, mask=kvalid, other=0) != 0) | (kpos < n_init))
+        q_base, do_base = q_ptr + b * stride_qb + h * stride_qh, do_ptr + b * stride_db + h * stride_dh
         dk = tl.zeros((BLOCK_N, D), tl.float32)
         dv = tl.zeros((BLOCK_N, D), tl.float32)
-        q_last = tl.minimum((k0 + BLOCK_N + n_local - 2) // BLOCK_M, n_qblocks - 1)
-        for m0 in range((k0 // BLOCK_M) * BLOCK_M, (q_last + 1) * BLOCK_M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < T
-            q = tl.load(q_ptr + base + offs_m[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptr + base + offs_m[:, None] * stride_t + d[None, :], mask=row_ok[:, None], other=0.0)
-            lse, delta, sa_a, sa_inv, sa_ga, sa_gb, i_min, i_max = _row_stats(lse_ptr, delta_ptr, sa_ptr, arg_ptr,
-                                                                              bh * T + offs_m, row_ok, SCORE)
-            x, allowed = _scores(q, k, kpos, kvalid, offs_m, sep_ptr + b * T, n_init, n_local, scale)
-            # keys left of this block's window range were the column pass's
-            allowed = allowed & row_ok[:, None] & (kpos[None, :] >= m0 - n_local + 1)
-            w, ds = _bwd_tile(x, allowed, tl.dot(do, tl.trans(v)), kpos, lse, delta, sa_a, sa_inv, sa_ga, sa_gb,
-                              i_min, i_max, SCORE)
-            dv += tl.dot(tl.trans(w).to(do.dtype), do)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        first = k0 // BLOCK_M
+        end = tl.minimum((k0 + BLOCK_N + n_local - 2) // BLOCK_M, tl.cdiv(T, BLOCK_M) - 1) + 1
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(k0 + BLOCK_N - 1, BLOCK_M), first), end)
+        full_hi = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(k0 + n_local - BLOCK_M + 1, 0), BLOCK_M), end), full_lo)
+        for qb in range(first, full_lo):
+            dk, dv = _dkdv_tile(dk, dv, k, v, kpos, kvalid, kept, qb * BLOCK_M, q_base, do_base, stride_qt,
+                                stride_dt, lse_ptr, delta_ptr, sa_ptr, arg_ptr, bh, T, n_local, qk_scale, D,
+                                BLOCK_M, RULE, SCORE)
+        for qb in range(full_lo, full_hi):
+            dk, dv = _dkdv_tile(dk, dv, k, v, kpos, kvalid, kept, qb * BLOCK_M, q_base, do_base, stride_qt,
+                                stride_dt, lse_ptr, delta_ptr, sa_ptr, arg_ptr, bh, T, n_local, qk_scale, D,
+                                BLOCK_M, FULL, SCORE)
+        for qb in range(full_hi, end):
+            dk, dv = _dkdv_tile(dk, dv, k, v, kpos, kvalid, kept, qb * BLOCK_M, q_base, do_base, stride_qt,
+                                stride_dt, lse_ptr, delta_ptr, sa_ptr, arg_ptr, bh, T, n_local, qk_scale, D,
+                                BLOCK_M, RULE, SCORE)
         # a kept key's column-pass sums sit at row (its column index) = kept_before[j]
-        kept = kvalid & ((tl.load(sep_ptr + b * T + kpos, mask=kvalid, other=0) != 0) | (kpos < n_init))
-        col = bh * T + tl.load(kept_before_ptr + b * (T + 1) + kpos, mask=kept, other=0)
-        dk = dk * scale + tl.load(dkc_ptr + col[:, None] * D + d[None, :], mask=kept[:, None], other=0.0)
+        d = tl.arange(0, D)
+        col = bh * T + tl.load(kb_ptr + b * (T + 1) + kpos, mask=kept, other=0)
+        dk = dk * sm_scale + tl.load(dkc_ptr + col[:, None] * D + d[None, :], mask=kept[:, None], other=0.0)
         dv += tl.load(dvc_ptr + col[:, None] * D + d[None, :], mask=kept[:, None], other=0.0)
-        tl.store(dk_ptr + base + kpos[:, None] * stride_t + d[None, :], dk.to(dk_ptr.dtype.element_ty),
-                 mask=kvalid[:, None])
-        tl.store(dv_ptr + base + kpos[:, None] * stride_t + d[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=kvalid[:, None])
+        out = b * stride_ob + h * stride_oh + kpos[:, None] * stride_ot + d[None, :]
+        tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=kvalid[:, None])
+        tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kvalid[:, None])
+
+    # tile configs the autotuner tries on a GPU: (BLOCK_M, BLOCK_N), num_warps, num_stages. Checked with
+    # `python -m kernels.compile_report` for Hopper: wgmma, pipelined loads, and no spilled registers at D = 128
+    # except (128, 64) x 4 warps (fine at D = 64)
+    FWD_CONFIGS = [((128, 64), 8, 3), ((128, 128), 8, 3), ((128, 64), 4, 3), ((64, 64), 4, 3)]
+    DQ_CONFIGS = [((128, 64), 8, 3), ((64, 64), 4, 3), ((64, 32), 4, 3)]
+    DKDV_CONFIGS = [((64, 128), 8, 3), ((64, 64), 8, 2), ((32, 64), 8, 3), ((32, 128), 8, 3)]
+
+    def attention_configs(table):
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for (m, n), w, st in table]
+
+    def _autotuned(kernel, table):
+        # tuned per head dim, score, heads and length: the best tile changes with how many programs fill the GPU
+        return triton.autotune(attention_configs(table), key=["D", "SCORE", "H", "T"])(kernel)
+
+    _fwd_tuned = _autotuned(_fwd_kernel, FWD_CONFIGS)
+    _dq_tuned = _autotuned(_dq_kernel, DQ_CONFIGS)
+    _dkdv_cols_tuned = _autotuned(_dkdv_cols_kernel, DKDV_CONFIGS)
+    _dkdv_window_tuned = _autotuned(_dkdv_window_kernel, DKDV_CONFIGS)
+
+# the tile sizes when nothing is autotuned (the CPU interpreter; tests try others)
+FIXED_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32)
 
 
 # ----------------------------------------------------------------------------- the wrapper
 
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 class TritonSepAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, keep, n_init, n_local, score):
+    def forward(ctx, q, k, v, keep, n_init, n_local, score, plan=None):
         check_inputs(q, k, v, keep)
         B, H, T, D = q.shape
         if D < 16 or D & (D - 1):
             raise ValueError(f"the Triton attention kernel needs a head dim that is a power of two >= 16, got {D}; "
                              "choose n_embd / n_head accordingly or use --kernels=torch")
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()                  # one set of strides for all
-        s = schedule(keep, n_init, n_local)
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        plan = plan if plan is not None else plan_for(keep, n_init)
         SCORE = SCORES[score]
-        o = torch.empty_like(q)
+        o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
         lse = torch.empty(B * H, T, device=q.device, dtype=torch.float32)
         if SCORE == 2:  # what SA-2's backward needs: the softmax output, (a, b) and where x_min, x_max are
-            o1 = torch.empty_like(q)
+            o1 = torch.empty_like(o)
             ab = torch.empty(B * H, T, 2, device=q.device, dtype=torch.float32)
             arg = torch.empty(B * H, T, 2, device=q.device, dtype=torch.int32)
         else:
             o1, ab, arg = o, lse, lse                                             # unused by the kernel
-        _fwd_kernel[(s.n_q, B * H)](q, k, v, o, lse, o1, ab, arg, s.sep, s.cols, s.ncols, H, T, s.n_init, s.n_local,
-                                    1.0 / math.sqrt(D), q.stride(0), q.stride(1), q.stride(2), s.n_q,
-                                    D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SCORE=SCORE)
-        ctx.save_for_backward(q, k, v, o, lse, o1, ab, arg, *s[:5])
-        ctx.args = (*s[5:], SCORE)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        launch(_fwd_kernel, grid, (q, k, v, o, lse, o1, ab, arg, plan.sep, plan.cols, plan.kept_before, H, T, n_init,
+                                   n_local, LOG2E / math.sqrt(D), *_strides(q), *_strides(k), *_strides(v),
+                                   *_strides(o), D, SCORE), q, FIXED_BLOCKS, _fwd_tuned)
+        ctx.save_for_backward(q, k, v, o, lse, o1, ab, arg, plan.sep, plan.cols, plan.kept_before)
+        ctx.args = (n_init, n_local, SCORE)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, o1, ab, arg, *plan = ctx.saved_tensors
-        *sizes, SCORE = ctx.args
-        s = Schedule(*plan, *sizes)
+        q, k, v, o, lse, o1, ab, arg, sep, cols, kept_before = ctx.saved_tensors
+        n_init, n_local, SCORE = ctx.args
         B, H, T, D = q.shape
-        do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1).view(B * H, T)                   # δ_i = dO_i · O_i
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        delta = torch.empty(B * H, T, device=q.device, dtype=torch.float32)     # δ_i = dO_i · O_i
+        launch(_delta_kernel, (triton.cdiv(T, 64), B * H), (o, do, delta, H, T, *_strides(o), *_strides(do), D),
+               q, dict(BLOCK_M=64), None)
         sa = delta                                                                # unused unless SA-2
         if SCORE == 2:
             a, b = ab.unbind(-1)
@@ -543,18 +642,21 @@ class TritonSepAttention(torch.autograd.Function):
             # dL/da = (δ − dO·O_softmax) / (b − a) if a < 0,   dL/db = −δ / (b − a) if b > 0
             sa = torch.stack([a, inv, torch.where(a < 0, (delta - s0) * inv, 0.0),
                               torch.where(b > 0, -delta * inv, 0.0)], -1).contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = (torch.empty(B, H, T, D, device=q.device, dtype=q.dtype) for _ in range(3))
         dkc = torch.empty(B * H, T, D, device=q.device, dtype=torch.float32)     # column pass, per column index
         dvc = torch.empty_like(dkc)
-        scale, strides = 1.0 / math.sqrt(D), (q.stride(0), q.stride(1), q.stride(2))
-        meta = dict(D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SCORE=SCORE)
-        _dq_kernel[(s.n_q, B * H)](q, k, v, do, lse, delta, sa, arg, dq, s.sep, s.cols, s.ncols, H, T, s.n_init,
-                                   s.n_local, scale, *strides, s.n_q, **meta)
-        _dkdv_cols_kernel[(s.n_c, B * H)](q, k, v, do, lse, delta, sa, arg, dkc, dvc, s.cols, s.kept_before,
-                                          s.col_qstart, H, T, s.n_local, scale, *strides, s.n_q, s.n_c, **meta)
-        _dkdv_window_kernel[(s.n_c, B * H)](q, k, v, do, lse, delta, sa, arg, dk, dv, dkc, dvc, s.sep,
-                                            s.kept_before, H, T, s.n_init, s.n_local, scale, *strides, s.n_q, **meta)
-        return dq, dk, dv, None, None, None, None
+        qk_scale, sm_scale = LOG2E / math.sqrt(D), 1 / math.sqrt(D)
+        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
+        launch(_dq_kernel, grid, (q, k, v, do, dq, lse, delta, sa, arg, sep, cols, kept_before, H, T, n_init, n_local,
+                                  qk_scale, sm_scale, *strides, *_strides(dq), D, SCORE), q, FIXED_BLOCKS, _dq_tuned)
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)
+        launch(_dkdv_cols_kernel, grid, (q, k, v, do, lse, delta, sa, arg, dkc, dvc, cols, kept_before, H, T, n_local,
+                                         qk_scale, sm_scale, *strides, D, SCORE), q, FIXED_BLOCKS, _dkdv_cols_tuned)
+        launch(_dkdv_window_kernel, grid, (q, k, v, do, lse, delta, sa, arg, dk, dv, dkc, dvc, sep, kept_before, H, T,
+                                           n_init, n_local, qk_scale, sm_scale, *strides, *_strides(dk), D, SCORE),
+               q, FIXED_BLOCKS, _dkdv_window_tuned)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def sepllm_attention(q, k, v, keep, n_init, n_local, score="softmax"):
@@ -568,6 +670,6 @@ def sepllm_attention(q, k, v, keep, n_init, n_local, score="softmax"):
     check_inputs(q, k, v, keep)
     if backend() == "torch":
         return reference_attention(q, k, v, keep, n_init, n_local, score)
-    if use_triton(q):
+    if backend() == "triton" or (q.is_cuda and triton is not None):
         return TritonSepAttention.apply(q, k, v, keep, n_init, n_local, score)
     return fast_attention(q, k, v, keep, n_init, n_local, score)

@@ -1,13 +1,22 @@
+"""kernels/moe.py against a row-by-row product in fp64 (each row times its expert's matrix, written here).
+
+The Triton kernels run on every device present: the CPU in Triton's interpreter (fp32, fp16) and CUDA compiled
+(fp32 as TF32, fp16, bf16), at every tile config the GPU autotuner may pick; routings with empty experts, one
+expert taking every row, rows past offsets[E] (dropped pairs) and row counts that fill no tile."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
 from kernels import moe
-from kernels.moe import GroupedMM, TorchGroupedMM, block_schedule, grouped_mm_reference
+from kernels.moe import GroupedMM, TorchGroupedMM, grouped_mm_reference
 from unipool import build_moe_layers
 
 triton_missing = pytest.mark.skipif(moe.triton is None, reason="triton is not installed")
+CUDA = torch.cuda.is_available()
+DTYPES = [("cpu", torch.float32, 1e-5), ("cpu", torch.float16, 2e-3)] + [
+    pytest.param("cuda", dtype, tol, marks=pytest.mark.cuda)
+    for dtype, tol in ((torch.float32, 2e-3), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)) if CUDA]
 
 
 def offsets_of(counts):
@@ -22,40 +31,78 @@ ROUTINGS = {
 }
 
 
-def test_block_schedule_covers_each_expert_with_its_own_blocks():
-    # 103 rows for the experts, 5 dropped rows after them (group 5); the host-side bound is ceil(108/32) + 6 blocks
-    offsets = offsets_of([0, 70, 1, 0, 32])
-    block_expert, block_start, ext = block_schedule(offsets, 108, block_m=32)
-    assert ext.tolist() == offsets.tolist() + [108]
-    assert len(block_expert) == 4 + 6
-    assert block_expert.tolist()[:6] == [1, 1, 1, 2, 4, 5]
-    assert block_start.tolist()[:6] == [0, 32, 64, 70, 71, 103]
-    # the blocks past the real ones start after the last row: fully masked
-    assert all(s >= 108 for s in block_start.tolist()[6:])
+def per_row_reference(x, w, counts):
+    """Row r of expert e: x[r] @ w[e], one row at a time in float64; rows past the experts: zero."""
+    e_of_row = [e for e, c in enumerate(counts) for _ in range(c)]
+    rows = [x[r].double() @ w[e].double() for r, e in enumerate(e_of_row)]
+    rows += [torch.zeros(w.shape[2], dtype=torch.float64)] * (x.shape[0] - len(e_of_row))
+    return torch.stack(rows)
+
+
+def check(fn, counts, tail, dtype, tol, device="cpu", K=40, N=72, seed=0):
+    """y, dx, dw of fn(x, w, offsets) in `dtype` against the row-by-row product of the same (rounded) inputs, relative
+    to the largest reference value; rows past the experts exactly zero, empty experts' dw exactly zero."""
+    g = torch.Generator().manual_seed(seed + len(counts) + tail)
+    offsets = offsets_of(counts).to(device)
+    x = torch.randn(sum(counts) + tail, K, generator=g).to(dtype)
+    w = (torch.randn(len(counts), K, N, generator=g) / 6).to(dtype)
+    dy = torch.randn(x.shape[0], N, generator=g).to(dtype)
+    x64, w64 = (t.double().requires_grad_() for t in (x, w))
+    per_row_reference(x64, w64, counts).backward(dy.double())
+    xd, wd = (t.to(device).requires_grad_() for t in (x, w))
+    y = fn(xd, wd, offsets)
+    dx, dw = torch.autograd.grad(y, (xd, wd), dy.to(device).expand_as(y))   # any gradient layout is accepted
+    assert y.dtype == dtype
+    want = per_row_reference(x.double(), w.double(), counts)
+    for name, got, ref in (("y", y, want), ("dx", dx, x64.grad), ("dw", dw, w64.grad)):
+        scale = ref.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got.double().cpu() / scale, ref / scale, rtol=tol, atol=tol, msg=name)
+    n = sum(counts)
+    assert torch.equal(y[n:], torch.zeros_like(y[n:])) and torch.equal(dx[n:], torch.zeros_like(dx[n:]))
+    empty = [e for e, c in enumerate(counts) if c == 0]
+    assert torch.equal(dw[empty], torch.zeros_like(dw[empty]))
 
 
 @triton_missing
+@pytest.mark.parametrize("device, dtype, tol", DTYPES)
 @pytest.mark.parametrize("name", ROUTINGS)
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_forward_and_gradients_equal_reference(name, dtype, tol):
-    # bf16 is left out: the Triton interpreter corrupts bf16 loads on the CPU (it belongs to GPU runs)
-    counts = ROUTINGS[name]
-    g = torch.Generator().manual_seed(len(counts))
-    offsets = offsets_of(counts)
-    x = torch.randn(sum(counts), 40, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(len(counts), 40, 72, generator=g) / 6).to(dtype).requires_grad_()
-    dy = torch.randn(sum(counts), 72, generator=g).to(dtype)
-    y = GroupedMM.apply(x, w, offsets)
-    y.backward(dy)
-    x_ref, w_ref = (t.detach().float().requires_grad_() for t in (x, w))
-    y_ref = grouped_mm_reference(x_ref, w_ref, offsets)
-    y_ref.backward(dy.float())
-    assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), y_ref, rtol=tol, atol=tol * 10)
-    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=tol, atol=tol * 10)
-    torch.testing.assert_close(w.grad.float(), w_ref.grad, rtol=tol, atol=tol * 10)
-    empty = [e for e, c in enumerate(counts) if c == 0]
-    assert torch.equal(w.grad[empty], torch.zeros_like(w.grad[empty]))
+@pytest.mark.parametrize("tail", [0, 7])
+def test_triton_forward_and_gradients(device, dtype, tol, name, tail, monkeypatch):
+    monkeypatch.setattr(kernels, "autotune", False)
+    check(GroupedMM.apply, ROUTINGS[name], tail, dtype, tol, device)
+
+
+def tile_configs():
+    if moe.triton is None:
+        return []
+    mm = sorted({tuple(c.kwargs.values()) for size in (2, 4) for c in moe.mm_configs(size)})
+    dw = sorted({tuple(c.kwargs.values()) for size in (2, 4) for c in moe.dw_configs(size)})
+    return [(a, b) for a, b in zip(mm + mm[:max(0, len(dw) - len(mm))], dw + dw[:max(0, len(mm) - len(dw))])]
+
+
+@triton_missing
+@pytest.mark.parametrize("mm, dw", tile_configs())
+def test_triton_at_every_tile_config(mm, dw, monkeypatch):
+    # the interpreter, fp32: K = 72 and N = 136 (no multiple of any tile), experts of 0 .. 150 rows, 9 dropped rows
+    monkeypatch.setattr(kernels, "autotune", False)
+    monkeypatch.setattr(moe, "FIXED_MM", dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), mm)))
+    monkeypatch.setattr(moe, "FIXED_DW", dict(zip(("BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_K"), dw)))
+    check(GroupedMM.apply, [70, 0, 1, 150, 0, 65], 9, torch.float32, 1e-5, K=72, N=136)
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotuned configs run on a GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float32, 5e-3)])
+def test_autotuned_kernels_on_gpu(dtype, tol):
+    counts = torch.randint(0, 700, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    check(GroupedMM.apply, counts, 100, dtype, tol, "cuda", K=512, N=768)
+
+
+@pytest.mark.parametrize("name", ROUTINGS)
+@pytest.mark.parametrize("tail", [0, 7])
+def test_reference_and_torch_grouped_mm_equal_a_row_by_row_product(name, tail):
+    check(grouped_mm_reference, ROUTINGS[name], tail, torch.float64, 1e-10)
+    check(TorchGroupedMM.apply, ROUTINGS[name], tail, torch.float32, 1e-5)
 
 
 def test_reference_gradcheck_float64():
@@ -66,7 +113,8 @@ def test_reference_gradcheck_float64():
 
 
 @triton_missing
-def test_moe_layer_same_with_either_backend():
+def test_moe_layer_same_with_either_backend(monkeypatch):
+    monkeypatch.setattr(kernels, "autotune", False)
     torch.manual_seed(0)
     layer = build_moe_layers("unipool", 1, 16, 32, n_experts=6, top_k=2, router="norm")[0]
     x = torch.randn(2, 19, 16)
@@ -91,9 +139,10 @@ def test_backend_names_are_checked():
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"] + (["triton"] if moe.triton is not None else []))
-def test_grouped_mm_follows_autocast_on_every_backend(backend):
+def test_grouped_mm_follows_autocast_on_every_backend(backend, monkeypatch):
     # under autocast every backend computes in the autocast dtype, as a plain x @ w would (fp16: the interpreter
     # cannot run bf16 Triton on the CPU)
+    monkeypatch.setattr(kernels, "autotune", False)
     g = torch.Generator().manual_seed(0)
     offsets = offsets_of([5, 0, 11])
     x = torch.randn(16, 32, generator=g, requires_grad=True)
@@ -110,54 +159,12 @@ def test_grouped_mm_follows_autocast_on_every_backend(backend):
     torch.testing.assert_close(y, expect, rtol=2e-3, atol=2e-3)
 
 
-def per_row_reference(x, w, counts):
-    """Row r of expert e: x[r] @ w[e], one row at a time in float64; rows past the experts: zero."""
-    e_of_row = [e for e, c in enumerate(counts) for _ in range(c)]
-    rows = [x[r].double() @ w[e].double() for r, e in enumerate(e_of_row)]
-    rows += [torch.zeros(w.shape[2], dtype=torch.float64)] * (x.shape[0] - len(e_of_row))
-    return torch.stack(rows)
-
-
-@pytest.mark.parametrize("name", ROUTINGS)
-@pytest.mark.parametrize("tail", [0, 7])
-def test_every_backend_equals_a_row_by_row_product_with_dropped_rows_zero(name, tail):
-    counts = ROUTINGS[name]
-    g = torch.Generator().manual_seed(len(counts) + tail)
-    offsets = offsets_of(counts)
-    x = torch.randn(sum(counts) + tail, 40, generator=g, requires_grad=True)
-    w = torch.randn(len(counts), 40, 72, generator=g, requires_grad=True)
-    dy = torch.randn(x.shape[0], 72, generator=g)
-    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
-    y64 = per_row_reference(x64, w64, counts)
-    y64.backward(dy.double())
-    fns = {"reference": grouped_mm_reference, "torch._grouped_mm": TorchGroupedMM.apply}
-    if moe.triton is not None:
-        fns["triton"] = GroupedMM.apply
-    for label, f in fns.items():
-        y = f(x, w, offsets)
-        dx, dw = torch.autograd.grad(y, (x, w), dy.expand_as(y))  # any gradient layout is accepted
-        for got, want in ((y, y64), (dx, x64.grad), (dw, w64.grad)):
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4, msg=label)
-        assert torch.equal(y[sum(counts):], torch.zeros_like(y[sum(counts):])), label
-        assert torch.equal(dx[sum(counts):], torch.zeros_like(dx[sum(counts):])), label
-
-
-def test_unaligned_shapes_fall_back_to_the_reference():
-    # torch._grouped_mm needs 16-byte rows: K = 6 fp32 is not; the result must still be right
-    offsets = offsets_of([2, 3])
-    x, w = torch.randn(5, 6), torch.randn(2, 6, 3)
-    torch.testing.assert_close(moe.grouped_mm(x, w, offsets), per_row_reference(x, w, [2, 3]).float())
-
-
-@triton_missing
-def test_a_moe_layer_builds_its_block_schedule_once(monkeypatch):
+def test_auto_picks_torch_grouped_mm_where_it_fits_and_the_reference_elsewhere(monkeypatch):
     calls = []
-    real = moe.block_schedule
-    monkeypatch.setattr(moe, "block_schedule", lambda *a, **k: calls.append(1) or real(*a, **k))
-    layer = build_moe_layers("moe", 1, 16, 32, n_experts=4, top_k=2)[0]
-    kernels.set_backend("triton")
-    try:
-        layer(torch.randn(1, 9, 16, requires_grad=True))[0].sum().backward()
-    finally:
-        kernels.set_backend("auto")
-    assert len(calls) == 1
+    monkeypatch.setattr(TorchGroupedMM, "apply", lambda *a: calls.append("torch") or grouped_mm_reference(*a))
+    monkeypatch.setattr(moe, "grouped_mm_reference", lambda *a: calls.append("reference") or per_row_reference(
+        a[0], a[1], a[2].diff().tolist()).float())
+    offsets = offsets_of([2, 3])
+    moe.grouped_mm(torch.randn(5, 8), torch.randn(2, 8, 4), offsets)   # 16-byte rows: torch._grouped_mm
+    moe.grouped_mm(torch.randn(5, 6), torch.randn(2, 6, 3), offsets)   # K = 6 fp32 is not 16-byte aligned
+    assert calls == ["torch", "reference"]
