@@ -6,7 +6,8 @@ Evaluate a checkpoint trained by train_lm.py (out_dir/ckpt_best.pt); one mode pe
     python eval_lm.py --eval_mask=sepllm --n_init=3 --n_local=64 # training-free SepLLM: val loss, kept KV
     python eval_lm.py --stream=sepcache --stream_repeat=4        # one long stream through SepCache / SinkCache / full
 
-Every flag is a field of EvalConfig below, written --key=value.
+Every flag is a field of EvalConfig below, written --key=value; a flag the chosen mode does not read is an error.
+The data, the model and the evaluations come from lm_common.py, as in train_lm.py.
 """
 import contextlib
 import math
@@ -210,8 +211,9 @@ def main():
     cfg = parse_flags(EvalConfig, sys.argv[1:])
     mode = check_flags(cfg)
     device = pick_device(cfg.device)
-    with autocast_for(device, pick_dtype(cfg.dtype, device)):
-        result = {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[mode](cfg)
+    with autocast_for(device, pick_dtype(cfg.dtype, device)):     # every mode computes in --dtype
+        run = {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[mode]
+        result = run(cfg)
     if cfg.out_json and result is not None:
         write_json(cfg.out_json, {**result, "config": vars(cfg)})
 

@@ -344,9 +344,9 @@ def check_train_flags(cfg):
         (("top_k", "router", "expert_split", "n_shared", "bias_rate", "aux_loss", "zloss_coef"), moe,
          "--ffn=moe or --ffn=unipool (not --ffn=dense)"),
         (("aux_coef",), moe and cfg.aux_loss != "none", "--ffn=moe or unipool and an --aux_loss other than none"),
-        # recall_eval's "far" queries are measured against the window, so it counts there under full attention too
-        (("n_init", "n_local", "layer_windows"), sparse or recall and not cfg.layer_windows,
-         "--attn_mask=sepllm, streaming or fixed (not --attn_mask=full)"),
+        # recall_eval's "far" queries are measured against a and w, so they count there under full attention too
+        (("n_init", "n_local"), sparse or recall, "--attn_mask=sepllm, streaming or fixed (not --attn_mask=full)"),
+        (("layer_windows",), sparse, "--attn_mask=sepllm, streaming or fixed (not --attn_mask=full)"),
         (RECALL_KEYS + ("recall_targets",), recall, f"--dataset=recall (not --dataset={cfg.dataset})"),
         (("data_dir", "cache_dir"), not recall, "--dataset=shakespeare_char or shakespeare (recall is generated)"),
         (("kernels",), sparse or moe, "a sparse --attn_mask or --ffn=moe / unipool (the ops kernels/ implements)"),

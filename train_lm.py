@@ -87,8 +87,8 @@ class TrainConfig:
     log_interval: int = 50
     # system
     device: str = "auto"                # auto = cuda -> mps -> cpu
-    dtype: str = "auto"                 # auto = bfloat16 on a GPU that has it, else float16 (+ gradient scaler) on a GPU,
-    #                                     float32 on the CPU | bfloat16 | float16 | float32 (autocast; weights stay fp32)
+    dtype: str = "auto"                 # auto = bfloat16 on a GPU that has it, float16 (+ gradient scaler) on one
+    #                                     without, float32 on the CPU | bfloat16 | float16 | float32 (weights stay fp32)
     kernels: str = "auto"               # auto (Triton on CUDA) | triton | torch: kernels/ backends
     compile: bool = False               # torch.compile: fuses RMSNorm, RoPE, SwiGLU (CPU: needs a C++ compiler)
     seed: int = 1337
@@ -167,6 +167,7 @@ def init_weights(model, cfg, device):
 
 
 def compile_model(model, device):
+    """--compile: torch.compile fuses the element-wise ops (on the CPU it generates C++, so it needs a compiler)."""
     if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
         raise UserError("--compile on the CPU needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX); "
                         "install one or run without --compile")
@@ -332,8 +333,8 @@ def resumed(cfg, argv):
     """--resume: the run's saved settings, with the flags of RESUMABLE given on top; the schedule must stay the
     same, so a longer run keeps the cosine's end (lr_decay_iters; 0 = max_iters) and trains on past it at min_lr."""
     if cfg.init_from or cfg.overwrite:
-        raise UserError(f"--resume continues the run in {cfg.out_dir}; --{'init_from' if cfg.init_from else 'overwrite'}"
-                        f" starts a new one: pick one")
+        other = "init_from" if cfg.init_from else "overwrite"
+        raise UserError(f"--resume continues the run in {cfg.out_dir}; --{other} starts a new one: pick one")
     path = os.path.join(cfg.out_dir, "ckpt_last.pt")
     if not os.path.exists(path):
         raise UserError(f"--resume but {path} does not exist; drop --resume or fix --out_dir")

