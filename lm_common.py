@@ -5,7 +5,8 @@ What train_lm.py and eval_lm.py share, so that each script reads as flags -> dat
   tokenized train/val splits, random batches; or the generated recall task (recall.py);
 - the model a config describes (gpt.py, with unipool.py's MoE layers as its FFNs);
 - the attention pattern of each layer under --attn_mask (sepllm.py's rule);
-- the evaluation: mean loss on fixed batches, and the recall task's answer accuracy.
+- the evaluation: mean loss on fixed batches, and the recall task's answer accuracy;
+- train_lm.py's bookkeeping, kept out of its loop: the clock behind ms/iter and the ETA, and its flag checks.
 
 Every function takes the script's config (train_lm.TrainConfig) or the fields it names.
 """
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 
 from common import UserError, download, refuse_unused, sha256_of, write_json
-from kernels import set_backend
 from gpt import GPT, GPTConfig, ffn_hidden_size
+from kernels import set_backend
 from recall import RecallData, answer_accuracy, episode_length
 from sepllm import SEPARATORS, SparsePattern, fixed_interval_keep, is_separator, separator_ids
 from unipool import MoE, build_moe_layers

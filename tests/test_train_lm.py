@@ -421,17 +421,20 @@ def test_ctrl_c_is_one_line_and_the_printed_command_resumes_exactly(data_dir):
     cmd = [sys.executable, "train_lm.py", f"--data_dir={data_dir / 'data'}", f"--cache_dir={data_dir / 'cache'}",
            *SMALL, *flags, f"--out_dir={out}"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def evaluated():                           # the iterations evaluated (and saved) so far
+        rows = open(out / "metrics.jsonl").readlines() if (out / "metrics.jsonl").exists() else []
+        return [json.loads(r)["iter"] for r in rows if "val_loss" in r]
+
     deadline = time.time() + 120
-    while not (out / "ckpt_last.pt").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)                            # past the save, into the next iterations
-    p.send_signal(signal.SIGINT)
+    while max(evaluated(), default=0) < 40 and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)               # past the checkpoint of iter 20 (written before iter 40's metrics)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, (stdout, stderr)
     hint = f"python train_lm.py --out_dir={out} --resume"
     assert stderr.strip() == f"interrupted: nothing new was saved; continue with: {hint}", stderr
     saved = torch.load(out / "ckpt_last.pt", weights_only=True)["iter"]
-    assert 0 < saved < 300
+    assert 20 <= saved < 300
     r = subprocess.run(hint.split(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"resuming from {out}/ckpt_last.pt at iter {saved}" in r.stdout, r.stderr
     r = run([f"--out_dir={data_dir / 'whole'}", *flags], data_dir)
