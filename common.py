@@ -1,7 +1,9 @@
 """
 The plumbing both training scripts share, kept out of them so each reads as config -> data -> model -> loop:
-flags generated from a dataclass, the device, checksummed downloads, atomic checkpoints, JSON logs.
+flags generated from a dataclass (none silently ignored), the device and the precision, a run folder that is
+never overwritten by accident, checksummed downloads, atomic checkpoints, JSON logs.
 """
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -87,8 +89,8 @@ def resumed_config(cls, saved, argv, may_change):
         raise UserError(f"--resume continues the run exactly, so it keeps its settings: drop {', '.join(diff)}; "
                         f"to change them, start a new run (another --out_dir, or --overwrite)")
     fields = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{**{k: v for k, v in saved.items() if k in fields}, **{k: getattr(now, k) for k in given},
-                  "resume": True})
+    fresh = {"resume": True, **({"overwrite": False} if "overwrite" in fields else {})}
+    return cls(**{**{k: v for k, v in saved.items() if k in fields}, **{k: getattr(now, k) for k in given}, **fresh})
 
 
 RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "summary.json")
@@ -141,6 +143,41 @@ def pick_device(name="auto"):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def pick_dtype(name, device):
+    """--dtype: the precision the model computes in (its weights and optimizer stay float32). auto = bfloat16 on
+    a CUDA GPU that has it (Ampere and later), float16 on one that does not (T4, V100; with a gradient scaler),
+    float32 elsewhere. A choice the device cannot run is one clear error."""
+    cuda = str(device).startswith("cuda")
+    bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "auto":
+        return torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32
+    if name not in ("bfloat16", "float16", "float32"):
+        raise UserError(f"--dtype={name} must be one of auto, bfloat16, float16, float32")
+    if name != "float32" and not cuda:
+        raise UserError(f"--dtype={name} needs a CUDA GPU; on {device} use --dtype=float32 (or auto, which picks it)")
+    if name == "bfloat16" and not bf16:
+        raise UserError(f"--dtype=bfloat16 but {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; use "
+                        f"--dtype=float16 (or auto, which picks it with a gradient scaler)")
+    return getattr(torch, name)
+
+
+def autocast_for(device, dtype):
+    """The context the forward passes run in: autocast to dtype, or nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(str(device).split(":")[0], dtype=dtype)
+
+
+def refuse_unused(cfg, rules):
+    """No flag is silently ignored. rules: (flags, whether they have an effect under cfg's mode, the flags that
+    would give them one). A flag set away from its default where it has no effect is one clear error."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for flags, counts, fix in rules:
+        for k in flags:
+            if not counts and getattr(cfg, k) != defaults[k]:
+                raise UserError(f"--{k}={getattr(cfg, k)} has no effect with these flags: it counts only with {fix}")
 
 
 def sha256_of(path):

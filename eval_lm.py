@@ -6,7 +6,8 @@ Evaluate a checkpoint trained by train_lm.py (out_dir/ckpt_best.pt); one mode pe
     python eval_lm.py --eval_mask=sepllm --n_init=3 --n_local=64 # training-free SepLLM: val loss, kept KV
     python eval_lm.py --stream=sepcache --stream_repeat=4        # one long stream through SepCache / SinkCache / full
 
-Every flag is a field of EvalConfig below, written --key=value.
+Every flag is a field of EvalConfig below, written --key=value; a flag the chosen mode does not read is an error.
+The data, the model and the evaluations come from lm_common.py, as in train_lm.py.
 """
 import contextlib
 import math
@@ -19,11 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError, load_checkpoint, load_weights, parse_flags, pick_device, run_main, write_json
+from common import (UserError, autocast_for, load_checkpoint, load_weights, parse_flags, pick_device, pick_dtype,
+                    refuse_unused, run_main, write_json)
 from gpt import KVCache
+from lm_common import (Tokenizer, build_model, check_sparse_windows, estimate_loss, get_batch, layer_windows,
+                       moe_layers, prepare_data, recall_eval, recall_note, sparse_patterns)
 from sepllm import STREAMING_SEPARATORS, SepCache, SinkCache, kept_fraction
-from train_lm import (TrainConfig, Tokenizer, build_model, check_sparse_windows, estimate_loss, get_batch,
-                      layer_windows, make_masks, moe_layers, prepare_data, recall_eval)
+from train_lm import TrainConfig
 from unipool import random_routing
 
 
@@ -33,7 +36,8 @@ class EvalConfig:
     data_dir: str = ""                  # as in train_lm.py
     cache_dir: str = "~/.cache/nanopapers"
     device: str = "auto"
-    seed: int = 1337
+    dtype: str = "auto"                 # as in train_lm.py: auto = bfloat16 / float16 on a GPU, float32 on the CPU
+    seed: int = 1337                    # --sample's draws, --probe_router's random routing
     eval_iters: int = 20                # batches per split for the loss-based modes
     # --sample
     sample: bool = False
@@ -55,6 +59,7 @@ class EvalConfig:
     sep_size: int = 64                  # SepCache: separators kept, s
     cache_capacity: int = 800           # SepCache / SinkCache: capacity c
     out_json: str = ""                  # also write the result of --probe_router/--eval_mask/--stream to this file
+    overwrite: bool = False             # replace an existing --out_json (without it, an existing file is refused)
 
 
 def load_trained(cfg, with_data=True):
@@ -106,13 +111,13 @@ def eval_mask(cfg):
     layer_windows(saved)
     check_sparse_windows(saved, cfg.eval_mask)
     sep = tok.separators()
-    masks = lambda x: make_masks(saved, cfg.eval_mask, x, sep)
+    masks = lambda x: sparse_patterns(saved, cfg.eval_mask, x, sep)  # noqa: E731
     loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
     x, _ = get_batch(data["val"], saved.batch_size, saved.block_size, torch.Generator().manual_seed(saved.seed + 1))
     note, r = "", {}
     if saved.dataset == "recall":
         r = recall_eval(model, data["val"], saved, device, contextlib.nullcontext(), masks)
-        note = f", val answer accuracy {r['answer_acc']:.3f} (far {r['answer_acc_far']:.3f})"
+        note = recall_note(r)
     kept = kept_fraction(masks(x.to(device)) or [None])
     print(f"{cfg.eval_mask} mask (a={saved.n_init}, w={saved.n_local}, layers {saved.layer_windows or 'all'}): "
           f"val loss {loss:.4f}, kept fraction {kept:.3f}{note}")
@@ -167,8 +172,8 @@ def stream_eval(cfg):
 
 
 
-def main():
-    cfg = parse_flags(EvalConfig, sys.argv[1:])
+def check_flags(cfg):
+    """One mode per call; every flag that mode does not read is one clear error naming the mode that reads it."""
     modes = [m for m in ("sample", "probe_router", "eval_mask", "stream") if getattr(cfg, m)]
     if len(modes) != 1:
         raise UserError("pick exactly one of --sample, --probe_router=..., --eval_mask=..., --stream=...")
@@ -178,12 +183,37 @@ def main():
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(a for a in allowed if a)}")
     if cfg.probe_router not in ("", "all") and not cfg.probe_router.isdigit():
         raise UserError(f"--probe_router={cfg.probe_router} must be all or a layer number")
+    sparse_mask = cfg.eval_mask not in ("", "full")
+    refuse_unused(cfg, [
+        (("prompt", "max_new_tokens", "temperature", "top_k"), cfg.sample, "--sample"),
+        (("seed",), cfg.sample or cfg.probe_router, "--sample or --probe_router"),
+        (("eval_iters",), cfg.probe_router or cfg.eval_mask, "--probe_router or --eval_mask"),
+        (("n_init",), sparse_mask or cfg.stream in ("sepcache", "sink"),
+         "--eval_mask=sepllm, streaming or fixed, or --stream=sepcache or sink"),
+        (("n_local",), sparse_mask or cfg.stream == "sepcache", "--eval_mask=sepllm, streaming or fixed, or "
+                                                                "--stream=sepcache"),
+        (("layer_windows",), sparse_mask, "--eval_mask=sepllm, streaming or fixed"),
+        (("sep_size",), cfg.stream == "sepcache", "--stream=sepcache"),
+        (("cache_capacity",), cfg.stream in ("sepcache", "sink"), "--stream=sepcache or sink"),
+        (("stream_repeat", "stream_tokens"), cfg.stream, "--stream"),
+        (("data_dir", "cache_dir", "out_json"), not cfg.sample, "--probe_router, --eval_mask or --stream"),
+        (("overwrite",), cfg.out_json, "--out_json")])
     if cfg.stream == "sepcache" and cfg.n_local < 1:
         raise UserError(f"--n_local={cfg.n_local}: the cache's local window must be >= 1")
     if cfg.stream == "sepcache" and cfg.n_init + cfg.sep_size + cfg.n_local >= cfg.cache_capacity:
         raise UserError(f"--cache_capacity={cfg.cache_capacity} must exceed n_init + sep_size + n_local")
-    run = {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[modes[0]]
-    result = run(cfg)
+    if cfg.out_json and os.path.exists(cfg.out_json) and not cfg.overwrite:
+        raise UserError(f"--out_json={cfg.out_json} exists: replace it with --overwrite or pass another file")
+    return modes[0]
+
+
+def main():
+    cfg = parse_flags(EvalConfig, sys.argv[1:])
+    mode = check_flags(cfg)
+    device = pick_device(cfg.device)
+    with autocast_for(device, pick_dtype(cfg.dtype, device)):     # every mode computes in --dtype
+        run = {"sample": sample, "probe_router": probe_router, "eval_mask": eval_mask, "stream": stream_eval}[mode]
+        result = run(cfg)
     if cfg.out_json and result is not None:
         write_json(cfg.out_json, {**result, "config": vars(cfg)})
 

@@ -4,23 +4,16 @@ beside the README's and the paper's claim.
 
     python experiments.py list                         # the tables, what each reproduces, how long it takes
     python experiments.py unipool                      # the README's budget (about 1.5 h on a 2-core CPU)
-    python experiments.py unipool --quick              # a reduced budget: minutes, numbers not the README's
+    python experiments.py unipool --quick              # a reduced budget: minutes; checked against its own values
     python experiments.py sepllm --dry_run             # print the commands only
     python experiments.py lightgcn --data_dir=DIR      # DIR/ml-1m/train.txt, test.txt (LightGCN's text format)
 
-Flags: --quick, --out_dir=OUT (default runs), --data_dir=DIR, --dry_run.
-
-Each table is data: its runs (a script and the flags the README gives) and a function that reads each run's
-summary.json and prints the table. A run writes into OUT/TABLE/RUN (OUT/TABLE-quick/RUN with --quick, so the
-two budgets never mix), its output mirrored to log.txt there. A run whose summary.json exists is not run again:
-give the same command after an interruption and the table resumes where it stopped; give it when all runs are
-done and it only prints the table. To redo a run, delete its folder.
-
---data_dir=DIR is passed to every script that reads data (DIR as laid out for the scripts: shakespeare/input.txt,
-ml-latest-small/ml-latest-small.zip, ml-1m/train.txt and test.txt). Without it Tiny Shakespeare and MovieLens
-latest-small are downloaded; ml-1m has no download, so `lightgcn`, `lightgnn` and `unlearnrec` need DIR. `sepllm` uses
-tiktoken's GPT-2 BPE (downloaded by tiktoken; offline, set TIKTOKEN_CACHE_DIR to a folder with its cache).
-Runs go one after another, each a subprocess of this Python; on a shared machine set OMP_NUM_THREADS=1.
+Each table is data: its runs (a script and the flags the README gives), a function that prints the table from
+the runs' summary.json, and the values a --quick run should give (mean and spread of --seed=0 and --seed=1),
+printed beside it. Runs write into OUT/TABLE/RUN (OUT/TABLE-quick/RUN with --quick), output mirrored to log.txt.
+A run whose summary.json exists is not run again: the same command resumes an interrupted table (an unfinished
+run starts over). --data_dir=DIR goes to every script that reads data (DIR/shakespeare/input.txt, DIR/ml-1m/...);
+ml-1m has no download. sepllm needs GPT-2's BPE (offline: TIKTOKEN_CACHE_DIR). On a busy machine: OMP_NUM_THREADS=1.
 """
 import json
 import os
@@ -30,10 +23,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from common import UserError, fmt_seconds, parse_flags, run_main, write_json
+from common import UserError, fmt_seconds, parse_flags, prepare_out_dir, run_main, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ("bench_rec.py", "kernels.bench")     # they print tables: their output becomes summary.json
+SEED = {"train_lm.py": 1337, "train_rec.py": 2020}   # the scripts' default seeds (--seed=S adds S)
 
 
 @dataclass
@@ -53,6 +47,7 @@ class Table:
     runs: object                # quick -> [Run]
     show: object                # (summaries by run name, quick) -> prints the table
     claim: str = ""             # the paper's claim, printed above the table
+    expected: tuple = ()        # --quick: (run, summary key (a/b for nested), mean, half the spread of 2 seeds)
 
 
 @dataclass
@@ -61,6 +56,7 @@ class Flags:
     out_dir: str = "runs"       # runs go to OUT/TABLE/RUN
     data_dir: str = ""          # passed to every script that reads data
     dry_run: bool = False       # print the commands only
+    seed: int = 0               # added to every training run's seed (into OUT/TABLE-seedS): --seed=1 is a 2nd seed
 
 
 def merge(*groups):
@@ -105,6 +101,9 @@ def seeded(rows, quick):
             for name, flags, n, *_ in rows for s in SEEDS[:1 if quick else n]]
 
 
+BACKBONE_QUICK = (("default", "final_val_loss", 2.0788, 0.0077),)   # seeds 1337, 1338: 2.0866, 2.0711
+
+
 def backbone_show(S, quick):
     s = S.get("default") or {}
     md(["run", "final val loss", "README", "wall", "training tokens/s", "README tokens/s"],
@@ -146,6 +145,8 @@ def unipool_show(S, quick):
 
 SA = [("softmax", [], 2, "softmax (SDPA)", "1.6919 ± 0.0055"), ("sa", ["--attn_score=sa"], 2, "SA-1, x·softmax(x)",
       "1.7153 ± 0.0105"), ("sa_norm", ["--attn_score=sa_norm"], 2, "SA-2, normalised", "1.6929 ± 0.0075")]
+SA_QUICK = (("softmax_s1337", "final_val_loss", 2.0788, 0.0077), ("sa_s1337", "final_val_loss", 2.1319, 0.0006),
+            ("sa_norm_s1337", "final_val_loss", 2.1291, 0.0001))
 
 
 def sa_show(S, quick):
@@ -176,6 +177,13 @@ STREAMS = [  # run, flags, tokens (full, quick), label, README perplexity, paper
     ("sepcache_4k", SEPCACHE, (4096, 512), "SepCache, as above", "116.96", ""),
     ("sink_4k", SINK, (4096, 512), "SinkCache, as above", "116.46", ""),
     ("full_4k", ["--stream=full"], (4096, 512), "full cache, positions past the 256 trained", "161.77", "302.56")]
+
+
+SEPLLM_QUICK = (("full", "final_val_loss", 8.1260, 0.0249), ("sepllm", "final_val_loss", 8.1043, 0.0399),
+                ("streaming", "final_val_loss", 8.1205, 0.0237), ("free_sepllm", "val_loss", 8.1265, 0.0257),
+                ("free_streaming", "val_loss", 8.1260, 0.0250), ("sepcache_16k", "ppl", 3367.1552, 46.6673),
+                ("sink_16k", "ppl", 3365.4889, 49.3930), ("sepcache_4k", "ppl", 3281.8415, 20.0308),
+                ("sink_4k", "ppl", 3280.6257, 21.9751), ("full_4k", "ppl", 3281.7244, 23.3092))
 
 
 def sepllm_runs(quick):
@@ -251,6 +259,10 @@ def lightgcn_runs(quick):
             Run("ml-1m", "train_rec.py", ["--dataset=ml-1m", f"--epochs={1 if quick else 100}",
                                           f"--eval_every={1 if quick else 10}"]),
             Run("bench", "bench_rec.py", ["--dataset=ml-1m"] + (["--share=0.1"] if quick else []))]
+
+
+LIGHTGCN_QUICK = (("ml-latest-small", "test/recall@20", 0.1211, 0.0002), ("ml-latest-small", "test/ndcg@20", 0.1786,
+                  0.0033), ("ml-1m", "test/recall@20", 0.1092, 0.0000), ("ml-1m", "test/ndcg@20", 0.1751, 0.0000))
 
 
 def lightgcn_show(S, quick):
@@ -365,21 +377,22 @@ def kernels_show(S, quick):
 TABLES = {
     "backbone": Table("LM backbone row: `python train_lm.py` (char-level Tiny Shakespeare)", "2 min", "0.5 min",
                       lambda quick: [Run("default", "train_lm.py", LM_QUICK if quick else [])], backbone_show,
-                      "nanoGPT's CPU config reaches val 1.886 in 2000 iterations"),
+                      "nanoGPT's CPU config reaches val 1.886 in 2000 iterations", BACKBONE_QUICK),
     "unipool": Table("UniPool vs vanilla MoE vs dense, reduced pool, ablations, 2 seeds; routing probe", "1.5 h",
                      "5 min", unipool_runs, unipool_show, "a shared pool lowers val loss by 0.029 at 182M (up to "
                      "0.039); 41.6–66.7 % of the expert budget matches or beats vanilla"),
     "sa_softmax": Table("SA-Softmax: softmax vs SA-1 vs SA-2, 2 seeds", "1 h", "1.5 min",
                         lambda quick: seeded(SA, quick), sa_show,
-                        "x·softmax(x) trains better than softmax (up to 2.7B; its tables were not available)"),
+                        "x·softmax(x) trains better than softmax (up to 2.7B; its tables were not available)",
+                        SA_QUICK),
     "sepllm": Table("SepLLM on GPT-2 BPE Shakespeare: trained, training-free, streaming (SepCache / SinkCache)",
                     "1.5 h", "2.5 min", sepllm_runs, sepllm_show, "separators carry their segment: SepLLM matches "
-                    "full attention with less KV and beats StreamingLLM"),
+                    "full attention with less KV and beats StreamingLLM", SEPLLM_QUICK),
     "recall": Table("SepLLM on the associative-recall task: patterns, SA scores, post-training, streaming", "40 min",
                     "4 min", recall_runs, recall_show, "a segment's information is compressed into its separator"),
     "lightgcn": Table("LightGCN: latest-small and ml-1m runs, epoch benchmark vs the reference's way", "40 min",
                       "1.3 min", lightgcn_runs, lightgcn_show, "the reference code spends most of an epoch sampling "
-                      "in Python"),
+                      "in Python", LIGHTGCN_QUICK),
     "lightgnn": Table("LightGNN on ml-1m (quick: latest-small): teacher, intermediate, pruned student; controls",
                       "2 h", "2.5 min", lightgnn_runs, lightgnn_show, "80 % fewer edges and 90 % fewer embedding "
                       "entries at the teacher's accuracy"),
@@ -393,10 +406,13 @@ TABLES = {
 
 # ----------------------------------------------------------------------------- running
 
-def command(run, table_dir, data_dir):
-    """The argv after `python` that makes `run`: its flags, its out_dir (or out_json), --data_dir."""
+def command(run, table_dir, data_dir, seed=0):
+    """The argv after `python` that makes `run`: its flags (its seed + seed), its out_dir (or out_json), --data_dir."""
     run_dir = os.path.join(table_dir, run.name)
     flags = [f.replace("{dir}", table_dir) for f in run.flags]
+    if seed and run.script in SEED:
+        own = [int(f.split("=")[1]) for f in flags if f.startswith("--seed=")]
+        flags = merge(flags, [f"--seed={(own or [SEED[run.script]])[-1] + seed}"])
     if run.script in ("train_lm.py", "train_rec.py"):
         flags.append(f"--out_dir={run_dir}")
     elif run.script == "eval_lm.py":
@@ -415,8 +431,9 @@ def load_summary(run, run_dir):
 
 
 def execute(run, argv, run_dir):
-    """Run one script as a subprocess of this Python, its output shown and saved in run_dir/log.txt."""
-    os.makedirs(run_dir, exist_ok=True)
+    """Run one script as a subprocess of this Python, its output shown and saved in run_dir/log.txt. An unfinished
+    run's files (the scripts refuse to write over them) are removed first: it starts over."""
+    prepare_out_dir(run_dir, resume=False, overwrite=True)
     log_path = os.path.join(run_dir, "log.txt")
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -444,10 +461,22 @@ def check_data(cmds, data_dir):
                             f"DIR/{name}/train.txt and test.txt (LightGCN's text format)")
 
 
+def check_quick(table, S):
+    """Each quick number beside the value expected at the quick budget, so a student can tell a quick run came
+    out right: inside mean ± half the spread of two seeds (on another machine, the last digits may differ)."""
+    if not table.expected:
+        return print("\nThis table has no expected values at the quick budget yet.")
+    print("\nThe quick run against its expected values (mean ± half the spread of --seed=0 and --seed=1, 2-core CPU):")
+    got = [get(S, run, *key.split("/")) for run, key, *_ in table.expected]
+    md(["run", "value", "this run", "expected", "inside"],
+       [(run, key, fmt(g), f"{m:.4f} ± {sp:.4f}", "—" if g is None else "yes" if abs(g - m) <= sp + 1e-4 else "no")
+        for g, (run, key, m, sp) in zip(got, table.expected)])
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["list"]:
-        print("python experiments.py TABLE [--quick] [--out_dir=runs] [--data_dir=DIR] [--dry_run]\n\n"
+        print("python experiments.py TABLE [--quick] [--out_dir=runs] [--data_dir=DIR] [--dry_run] [--seed=S]\n\n"
               f"{'table':11s} {'full':>6s} {'quick':>7s}  reproduces")
         for name, t in TABLES.items():
             print(f"{name:11s} {t.full:>6s} {t.quick:>7s}  {t.about}")
@@ -457,9 +486,9 @@ def main(argv=None):
         raise UserError((f"unknown table {argv[0]!r}" if argv and not argv[0].startswith("-") else "name a table") +
                         f"; the tables are {', '.join(TABLES)} (python experiments.py list)")
     name, table, cfg = argv[0], TABLES[argv[0]], parse_flags(Flags, argv[1:])
-    table_dir = os.path.join(cfg.out_dir, name + ("-quick" if cfg.quick else ""))
+    table_dir = os.path.join(cfg.out_dir, name + "-quick" * cfg.quick + (f"-seed{cfg.seed}" if cfg.seed else ""))
     runs = table.runs(cfg.quick)
-    cmds = [command(r, table_dir, cfg.data_dir) for r in runs]
+    cmds = [command(r, table_dir, cfg.data_dir, cfg.seed) for r in runs]
     if cfg.dry_run:
         return print("\n".join("python " + shlex.join(argv_) for argv_ in cmds))
     check_data(cmds, cfg.data_dir)
@@ -472,9 +501,11 @@ def main(argv=None):
         else:
             print(f"== {name}/{run.name}: done before (its summary.json exists), not run again")
         summaries[run.name] = load_summary(run, run_dir)
-    print(f"\n## {name}: {table.about}" + ("\nquick budget: numbers are not the README's" if cfg.quick else ""))
+    print(f"\n## {name}: {table.about}" + "\nquick budget: numbers are not the README's (see the end)" * cfg.quick)
     print(f"The paper: {table.claim}.")
     table.show(summaries, cfg.quick)
+    if cfg.quick:
+        check_quick(table, summaries)
     print(f"\n{len(runs)} runs in {table_dir}; this command took {fmt_seconds(time.time() - t0)}")
 
 

@@ -35,8 +35,8 @@ from common import UserError, parse_flags, run_main
 from sepllm import demo_tokens, pattern_codes, rule_keep
 
 # where a run read or wrote, not what it did: never part of a label
-PATH_KEYS = ("out_dir", "data_dir", "cache_dir", "device", "resume", "init_from", "teacher", "intermediate", "base",
-             "encoder")
+PATH_KEYS = ("out_dir", "data_dir", "cache_dir", "device", "resume", "overwrite", "init_from", "teacher",
+             "intermediate", "base", "encoder")
 RULE_NAMES = {"sepllm": "SepLLM", "streaming": "StreamingLLM", "fixed": "FixLLM (every 5th)"}
 MAX_MASK_TOKENS = 80
 

@@ -3,6 +3,7 @@ Train a GPT (gpt.py) on Tiny Shakespeare, nanoGPT style. One process:
 
     python train_lm.py                                   # char-level, CPU-sized, about 2 minutes
     python train_lm.py --dataset=shakespeare --max_iters=5000 --block_size=256 --n_layer=6 --n_embd=384
+    python train_lm.py --out_dir=out-lm --resume         # continue an interrupted run, exactly, on its settings
     python eval_lm.py --sample                           # text from out-lm's best checkpoint (and other evals)
 
 Several GPUs or processes (DDP; gloo on CPU, nccl on CUDA); the global batch is batch_size * grad_accum *
@@ -11,10 +12,10 @@ with N times the gradient accumulation:
 
     torchrun --standalone --nproc_per_node=2 train_lm.py
 
-Every flag is a field of TrainConfig below, written --key=value.
+Data, the model a config describes, attention patterns and evaluation live in lm_common.py (eval_lm.py uses
+them too); this file is the loop: get_lr, train_step, evaluate, log_progress, train. Every flag is a field of
+TrainConfig below, written --key=value.
 """
-import contextlib
-import json
 import math
 import os
 import shutil
@@ -22,34 +23,27 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, load_weights,
-                    parse_flags, pick_device, resume_from, run_main, save_atomic, sha256_of, write_json)
-from gpt import GPT, GPTConfig, ffn_hidden_size
-from kernels import set_backend
-from recall import RecallData, answer_accuracy, episode_length
-from sepllm import SEPARATORS, SparsePattern, fixed_interval_keep, is_separator, kept_fraction, separator_ids
-from unipool import MoE, aux_losses, build_moe_layers, routing_stats
-
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-GPT_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_size", "rope_base", "tie_embeddings",
-            "attn_score")
-MOE_KEYS = ("ffn", "n_experts", "pool_size", "pool_groups", "top_k", "router", "expert_split", "n_shared")
-MODEL_KEYS = ("dataset",) + GPT_KEYS + MOE_KEYS
-RECALL_KEYS = ("recall_pairs", "recall_queries", "recall_keys", "recall_values")
+from common import (UserError, append_jsonl, autocast_for, check_same, fmt_seconds, load_checkpoint, load_weights,
+                    on_interrupt, parse_flags, pick_device, pick_dtype, prepare_out_dir, resumed_config, run_main,
+                    save_atomic, write_json)
+from lm_common import (MODEL_KEYS, RECALL_KEYS, Clock, build_model, check_train_flags, estimate_loss, get_batch,
+                       layer_windows, moe_layers, param_report, prepare_data, recall_eval, recall_note, sparse_patterns,
+                       to_device)
+from sepllm import kept_fraction
+from unipool import aux_losses, routing_stats
 
 
 @dataclass
 class TrainConfig:
     # data
     dataset: str = "shakespeare_char"   # shakespeare_char (characters) | shakespeare (GPT-2 BPE, r50k_base) | recall
-    data_dir: str = ""                  # local copy laid out like shared/data (shakespeare/input.txt); "" = download
+    data_dir: str = ""                  # DIR holding shakespeare/input.txt (a local copy); "" = download
     cache_dir: str = "~/.cache/nanopapers"  # downloads and tokenized .bin files
     out_dir: str = "out-lm"             # checkpoints, metrics.jsonl, summary.json
+    overwrite: bool = False             # replace the run already in out_dir (without it, such a folder is refused)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -93,10 +87,12 @@ class TrainConfig:
     log_interval: int = 50
     # system
     device: str = "auto"                # auto = cuda -> mps -> cpu
+    dtype: str = "auto"                 # auto = bfloat16 on a GPU that has it, float16 (+ gradient scaler) on one
+    #                                     without, float32 on the CPU | bfloat16 | float16 | float32 (weights stay fp32)
     kernels: str = "auto"               # auto (Triton on CUDA) | triton | torch: kernels/ backends
     compile: bool = False               # torch.compile: fuses RMSNorm, RoPE, SwiGLU (CPU: needs a C++ compiler)
     seed: int = 1337
-    resume: bool = False                # continue from out_dir/ckpt_last.pt
+    resume: bool = False                # continue out_dir/ckpt_last.pt with its saved settings
     init_from: str = ""                 # a checkpoint whose weights start this run (fresh optimizer and schedule)
     # sparse attention (sepllm.py)
     attn_mask: str = "full"             # full | sepllm | streaming | fixed (FixLLM: every 5th token kept)
@@ -111,124 +107,11 @@ class TrainConfig:
     recall_targets: str = "all"         # all: loss on every next token | answers: on the answers only
 
 
-# ----------------------------------------------------------------------------- data
+# what --resume lets a command line change: where files are, how the run is executed and logged, and how long it
+# trains (on the same schedule); everything else is the run's saved setting
+RESUMABLE = ("out_dir", "data_dir", "cache_dir", "device", "kernels", "compile", "log_interval", "eval_interval",
+             "max_iters", "lr_decay_iters")
 
-def source_text(cfg):
-    """Path of Tiny Shakespeare: <data_dir>/shakespeare/input.txt, or the cached download."""
-    if cfg.data_dir:
-        path = os.path.join(cfg.data_dir, "shakespeare", "input.txt")
-        if not os.path.exists(path):
-            raise UserError(f"--data_dir={cfg.data_dir} has no shakespeare/input.txt; copy Tiny Shakespeare there")
-        return path
-    path = os.path.join(os.path.expanduser(cfg.cache_dir), "shakespeare", "input.txt")
-    if not os.path.exists(path):
-        print(f"downloading Tiny Shakespeare to {path}")
-        download(SHAKESPEARE_URL, path, SHAKESPEARE_SHA256)
-    return path
-
-
-class Tokenizer:
-    """Characters of the text (shakespeare_char, recall) or GPT-2's BPE through tiktoken (shakespeare)."""
-
-    def __init__(self, dataset, chars=None):
-        self.dataset, self.chars = dataset, chars
-        if dataset in ("shakespeare_char", "recall"):
-            self.stoi = {c: i for i, c in enumerate(chars)}
-            self.vocab_size = len(chars)
-        elif dataset == "shakespeare":
-            import tiktoken
-            try:
-                self.enc = tiktoken.get_encoding("r50k_base")
-            except Exception as e:
-                raise UserError(f"cannot load tiktoken's r50k_base ({e}); offline, set TIKTOKEN_CACHE_DIR to a "
-                                f"folder holding its cached file") from None
-            self.vocab_size = self.enc.n_vocab
-        else:
-            raise UserError(f"unknown --dataset={dataset}; use shakespeare_char, shakespeare or recall")
-
-    def encode(self, s):
-        if self.chars is not None:
-            unknown = sorted(set(s) - set(self.stoi))
-            if unknown:
-                raise UserError(f"characters {unknown} are not in the vocabulary of this data set")
-            return [self.stoi[c] for c in s]
-        return self.enc.encode_ordinary(s)
-
-    def separators(self, strings=SEPARATORS):
-        return separator_ids(self.chars if self.chars is not None else self.enc, strings)
-
-    def decode(self, ids):
-        if self.chars is not None:
-            return "".join(self.chars[i] for i in ids)
-        return self.enc.decode(ids)
-
-
-def prepare_data(cfg):
-    """Tokenize once into uint16 train.bin / val.bin (90/10 split by characters) in the writable cache.
-
-    The folder is keyed by the text's sha256, so a different local copy never reuses stale tokens.
-    --dataset=recall is generated instead (recall.py): fresh training episodes every batch, a fixed validation set."""
-    if cfg.dataset == "recall":
-        return recall_data(cfg)
-    path = source_text(cfg)
-    digest = sha256_of(path)
-    out = os.path.join(os.path.expanduser(cfg.cache_dir), f"{cfg.dataset}-{digest[:12]}")
-    meta_path = os.path.join(out, "meta.json")
-    # meta.json is written last, so a run killed while tokenizing redoes the work instead of reading half of it
-    if not all(os.path.exists(os.path.join(out, f)) for f in ("meta.json", "train.bin", "val.bin")):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text:
-            raise UserError(f"{path} is empty")
-        chars = sorted(set(text)) if cfg.dataset == "shakespeare_char" else None
-        tok = Tokenizer(cfg.dataset, chars)
-        n = int(0.9 * len(text))
-        os.makedirs(out, exist_ok=True)
-        for split, part in (("train", text[:n]), ("val", text[n:])):
-            save_atomic_bytes(np.array(tok.encode(part), dtype=np.uint16).tobytes(), os.path.join(out, f"{split}.bin"))
-        write_json(meta_path, {"dataset": cfg.dataset, "vocab_size": tok.vocab_size, "chars": chars, "source": path})
-    with open(meta_path) as f:
-        meta = json.load(f)
-    tok = Tokenizer(cfg.dataset, meta["chars"])
-    data = {s: np.fromfile(os.path.join(out, f"{s}.bin"), dtype=np.uint16) for s in ("train", "val")}
-    for s, d in data.items():
-        if len(d) <= cfg.block_size + 1:
-            raise UserError(f"the {s} split has {len(d)} tokens, fewer than block_size+1={cfg.block_size + 1}")
-    return data, tok
-
-
-def recall_data(cfg):
-    """The recall task's splits: training episodes drawn from the batch generator, 2048 fixed validation episodes
-    (the same for every seed, so runs compare on one set)."""
-    n = episode_length(cfg.recall_pairs, cfg.recall_queries)
-    if cfg.block_size != n - 1:
-        raise UserError(f"--dataset=recall with {cfg.recall_pairs} pairs and {cfg.recall_queries} queries makes "
-                        f"episodes of {n} tokens: use --block_size={n - 1}")
-    try:
-        args = (cfg.recall_pairs, cfg.recall_queries, cfg.recall_keys, cfg.recall_values)
-        train = RecallData(*args, answers_only=cfg.recall_targets == "answers")
-        val = RecallData(*args, seed=0, n_fixed=2048, answers_only=cfg.recall_targets == "answers")
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return {"train": train, "val": val}, Tokenizer("recall", train.chars)
-
-
-def save_atomic_bytes(blob, path):
-    with open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(path + ".tmp", path)
-
-
-def get_batch(data, n_seq, block_size, gen):
-    """n_seq random windows of block_size+1 tokens -> inputs x and next-token targets y, each (n_seq, T)."""
-    if isinstance(data, RecallData):
-        return data.batch(n_seq, gen)
-    ix = torch.randint(len(data) - block_size - 1, (n_seq,), generator=gen)
-    w = torch.from_numpy(np.stack([data[i:i + block_size + 1].astype(np.int64) for i in ix.tolist()]))
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-
-# ----------------------------------------------------------------------------- training
 
 def get_lr(cfg, it):
     """Linear warmup to lr, then cosine decay to min_lr at lr_decay_iters."""
@@ -241,287 +124,33 @@ def get_lr(cfg, it):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
 
 
-def schedule(cfg):
-    """What fixes the learning rate of every iteration: get_lr depends on these alone."""
-    return {"lr": cfg["lr"], "min_lr": cfg["min_lr"], "warmup_iters": cfg["warmup_iters"],
-            "lr_decay_iters": cfg["lr_decay_iters"] or cfg["max_iters"]}
+# ----------------------------------------------------------------------------- set-up: processes, weights, compile
+
+def setup_ddp(cfg):
+    """(rank, world size, device). Under torchrun (RANK is set): one process per GPU, or gloo processes on the CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(cfg.device)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = f"cuda:{local}" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    return rank, world, device
 
 
-def check_same_schedule(saved, cfg, path):
-    """--resume continues the interrupted run exactly, so no iteration may get another learning rate."""
-    old, new = schedule(saved), schedule(asdict(cfg))
-    diff = [f"{k} {old[k]} vs {new[k]}" for k in old if old[k] != new[k]]
-    if diff:
-        raise UserError(f"--resume continues {path} exactly, but its learning-rate schedule would change "
-                        f"({', '.join(diff)}; lr_decay_iters 0 means max_iters). Train longer on the same schedule "
-                        f"with --lr_decay_iters={old['lr_decay_iters']} (past it the rate stays at min_lr), or start "
-                        f"a new run from its weights with --init_from={path} and another --out_dir")
-
-
-def make_masks(cfg, kind, x, sep_ids):
-    """The attention pattern of a batch x (B, T) under --attn_mask kind: None (full) or one per layer."""
-    if kind == "full":
-        return None
-    keep = {"sepllm": lambda: is_separator(x, sep_ids),
-            "streaming": lambda: torch.zeros_like(x, dtype=torch.bool),
-            "fixed": lambda: fixed_interval_keep(x.shape[1], device=x.device).expand_as(x)}[kind]()
-    return [None if w == 0 else SparsePattern(keep, cfg.n_init, w) for w in layer_windows(cfg)]
-
-
-def layer_windows(cfg):
-    """--layer_windows as a list of n_layer ints (0 = full attention); n_local everywhere when empty."""
-    if not cfg.layer_windows:
-        return [cfg.n_local] * cfg.n_layer
-    windows = cfg.layer_windows.split(",")
-    if len(windows) != cfg.n_layer or not all(w.isdigit() for w in windows):
-        raise UserError(f"--layer_windows={cfg.layer_windows} must list {cfg.n_layer} windows (0 = full), e.g. "
-                        + ",".join(["0"] + ["64"] * (cfg.n_layer - 2) + ["0"]))
-    return [int(w) for w in windows]
-
-
-@torch.no_grad()
-def estimate_loss(model, data, cfg, device, autocast, masks=lambda x: None):
-    """Mean loss over eval_iters fixed batches per split (the same batches at every evaluation)."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = get_batch(data[split], cfg.batch_size, cfg.block_size, gen)
-            x = x.to(device)
-            with autocast:
-                losses.append(model(x, y.to(device), attn_mask=masks(x)).loss.item())
-        out[split] = sum(losses) / len(losses)
-    model.train()
-    return out
-
-
-@torch.no_grad()
-def recall_eval(model, val, cfg, device, autocast, masks=lambda x: None):
-    """Answer accuracy (exact match of the greedy answer) on the fixed validation episodes of --dataset=recall:
-    overall, for "far" queries (the queried value lies outside the local window n_local and outside the n_init
-    sinks, so a window-only pattern cannot see it), per query of the episode (1st, 2nd, ...) and by distance from
-    the query to the segment's separator."""
-    model.eval()
-    correct, dist = [], []
-    for b in range(0, len(val.fixed), 256):
-        e = val.fixed[b:b + 256]
-        x, y = e[:, :-1], e[:, 1:]
-        with autocast:
-            logits = model(x.to(device), attn_mask=masks(x.to(device))).logits.float().cpu()
-        c, d = answer_accuracy(logits, x, y, val)
-        correct.append(c)
-        dist.append(d)
-    model.train()
-    c, d = torch.cat(correct), torch.cat(dist)
-    value_pos = val.answers()[None] - d - 1
-    far = (d + 1 >= cfg.n_local) & (value_pos >= cfg.n_init)
-    return {"answer_acc": c.float().mean().item(),
-            "answer_acc_far": c[far].float().mean().item() if far.any() else float("nan"),
-            "answer_acc_by_query": c.float().mean(0).tolist(),
-            "answer_acc_by_distance": {int(k): c[d == k].float().mean().item() for k in d.unique()}}
-
-
-def model_config(cfg, vocab_size):
-    return GPTConfig(vocab_size=vocab_size, init_std=cfg.init_std, dropout=cfg.dropout,
-                     **{k: getattr(cfg, k) for k in GPT_KEYS})
-
-
-def build_model(cfg, vocab_size):
-    """The GPT, with MoE layers as its FFNs when --ffn is moe or unipool."""
-    gcfg = model_config(cfg, vocab_size)
-    if cfg.ffn == "dense":
-        return GPT(gcfg)
-    router = cfg.router if cfg.router != "auto" else ("softmax" if cfg.ffn == "moe" else "norm")
-    return GPT(gcfg, build_moe_layers(cfg.ffn, cfg.n_layer, cfg.n_embd, ffn_hidden_size(gcfg), cfg.n_experts,
-                                      cfg.pool_size, cfg.pool_groups, cfg.top_k, router, cfg.expert_split,
-                                      cfg.init_std, cfg.n_shared))
-
-
-def moe_layers(model):
-    return [b.ffn for b in model.blocks] if isinstance(model.blocks[0].ffn, MoE) else []
-
-
-def param_report(model):
-    """Total, expert and active-per-token parameter counts (a shared pool is counted once)."""
-    total = model.num_params()
-    layers = moe_layers(model)
-    pools = {id(l.pool): l.pool for l in layers}.values()
-    expert = sum(p.numel() for pool in pools for p in pool.parameters())
-    active = total - expert + sum(l.router.top_k * sum(p[0].numel() for p in l.pool.parameters()) for l in layers)
-    return f"{total / 1e6:.2f}M parameters ({expert / 1e6:.2f}M in experts, {active / 1e6:.2f}M active per token)"
-
-
-def train(cfg):
-    ddp = "RANK" in os.environ
-    if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        device = f"cuda:{local}" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "cpu"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(cfg.device)
-    master = rank == 0
-    device_type = device.split(":")[0]
-    if cfg.kernels == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("--kernels=triton needs a CUDA device (or TRITON_INTERPRET=1 to run the kernels slowly "
-                        "on the CPU); use --kernels=auto")
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else contextlib.nullcontext())
-    torch.manual_seed(cfg.seed + rank)
-
-    data, tok = prepare_data(cfg)
-    sep_ids = tok.separators()
-    model = build_model(cfg, tok.vocab_size).to(device)
-    if cfg.init_from:
-        init_weights(model, cfg, device)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=device_type in ("cuda", "cpu"))
-    # every process draws the same global batch from one generator and takes its slice of it
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start_iter, best_val = 0, float("inf")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    last_path, best_path = (os.path.join(cfg.out_dir, f"ckpt_{n}.pt") for n in ("last", "best"))
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if cfg.resume:
-        ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS + (RECALL_KEYS if cfg.dataset == "recall" else ()),
-                           model, optimizer, device)
-        check_same_schedule(ckpt["config"], cfg, last_path)
-        gen.set_state(ckpt["data_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_iter, best_val = ckpt["iter"], ckpt["best_val"]
-        if master:
-            print(f"resuming from {last_path} at iter {start_iter}")
-    elif master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    raw_model = model
-    if cfg.compile:
-        if device_type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
-            raise UserError("--compile on the CPU needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX); "
-                            "install one or run without --compile")
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
-
-    n_params = raw_model.num_params()
-    layers = moe_layers(raw_model)
-    aux_kind = cfg.aux_loss if cfg.aux_loss != "auto" else ("switch" if cfg.ffn == "moe" else "pool")
-    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    # the kept share of causal (query, key) pairs, on the first evaluation batch (1.0 for full attention)
-    x_eval = get_batch(data["val"], cfg.batch_size, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))[0]
-    kept = kept_fraction(make_masks(cfg, cfg.attn_mask, x_eval, sep_ids) or [None])
-    if master:
-        print(f"{param_report(raw_model)} | {tokens_per_iter} tokens/iter | device {device} x{world} | "
-              f"{torch.get_num_threads()} threads")
-        print(f"attention {cfg.attn_mask}: kept fraction {kept:.3f} of the causal (query, key) pairs at T="
-              f"{cfg.block_size}" + (f" (a={cfg.n_init}, windows {layer_windows(cfg)})" if cfg.attn_mask != "full"
-                                     else ""))
-
-    def checkpoint(it, path):
-        save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "iter": it,
-                     "best_val": best_val, "config": asdict(cfg), "chars": tok.chars,
-                     "data_rng": gen.get_state(), "torch_rng": torch.get_rng_state()}, path)
-
-    # ms/iter, tok/s and the ETA count training steps only; evaluations and checkpoints are timed apart and
-    # enter the ETA as (evaluations left) x (mean evaluation time), so the first progress line is already right
-    t_start = time.perf_counter()
-    train_s = eval_s = 0.0
-    n_evals, log_iters, log_s = 0, 0, 0.0
-    losses = {}
-    for it in range(start_iter, cfg.max_iters + 1):
-        lr = get_lr(cfg, it)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            t_eval = time.perf_counter()
-            losses = estimate_loss(raw_model, data, cfg, device, autocast,
-                                   lambda x: make_masks(cfg, cfg.attn_mask, x, sep_ids))
-            if not all(map(math.isfinite, losses.values())):
-                raise UserError(f"loss became {losses} at iter {it}; the last good checkpoint is kept. "
-                                f"Lower --lr or raise --warmup_iters")
-            if cfg.dataset == "recall":
-                recall = recall_eval(raw_model, data["val"], cfg, device, autocast,
-                                     lambda x: make_masks(cfg, cfg.attn_mask, x, sep_ids))
-            if master:
-                print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" +
-                      (f", val answer accuracy {recall['answer_acc']:.3f} (far {recall['answer_acc_far']:.3f})"
-                       if cfg.dataset == "recall" else ""))
-                append_jsonl(metrics_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                                            **({f"val_{k}": v for k, v in recall.items()}
-                                               if cfg.dataset == "recall" else {})})
-                if it > start_iter or not cfg.resume:
-                    if losses["val"] < best_val:
-                        best_val = losses["val"]
-                        checkpoint(it, best_path)
-                    checkpoint(it, last_path)
-            eval_s += time.perf_counter() - t_eval
-            n_evals += 1
-        if it == cfg.max_iters:
-            break
-        t_step = time.perf_counter()
-        x, y = get_batch(data["train"], cfg.batch_size * cfg.grad_accum * world, cfg.block_size, gen)
-        loss_sum = aux_sum = 0.0
-        step_counts = [0] * len(layers)  # tokens per expert this step, per layer (the balancing bias reads it)
-        for micro in range(cfg.grad_accum):
-            first = (rank * cfg.grad_accum + micro) * cfg.batch_size
-            rows = slice(first, first + cfg.batch_size)
-            sync = not ddp or micro == cfg.grad_accum - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                xb = x[rows].to(device)
-                out = model(xb, y[rows].to(device), attn_mask=make_masks(cfg, cfg.attn_mask, xb, sep_ids))
-                aux = aux_losses(layers, out.aux, aux_kind, cfg.aux_coef, cfg.zloss_coef) if layers else 0.0
-            ((out.loss + aux) / cfg.grad_accum).backward()
-            # summed as tensors and read once per log line: .item() on a GPU waits for the whole step
-            loss_sum += out.loss.detach() / cfg.grad_accum
-            aux_sum += (aux.detach() if torch.is_tensor(aux) else aux) / cfg.grad_accum
-            step_counts = [a + c for a, c in zip(step_counts, out.aux.get("counts", []))]
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.bias_rate > 0:
-            for layer, c in zip(layers, step_counts):
-                if ddp:
-                    dist.all_reduce(c)
-                layer.router.update_bias(c, cfg.bias_rate)
-        step_s = time.perf_counter() - t_step
-        train_s, log_s, log_iters = train_s + step_s, log_s + step_s, log_iters + 1
-        if master and ((it + 1) % cfg.log_interval == 0 or it == start_iter):
-            dt = log_s / log_iters                                 # seconds per training step since the last line
-            log_s, log_iters = 0.0, 0
-            loss_sum, aux_sum = float(loss_sum), float(aux_sum)
-            evals_left = (cfg.max_iters - 1) // cfg.eval_interval - it // cfg.eval_interval + 1  # + the final one
-            eta = (cfg.max_iters - it - 1) * train_s / (it + 1 - start_iter) + evals_left * eval_s / max(n_evals, 1)
-            aux_note = ""
-            if layers:  # routing of the last micro-batch: load balance per layer, dead experts, dropped pairs
-                load = routing_stats(layers, out.aux)
-                aux_note = (f" (aux {aux_sum:.4f}) | load cv {max(load['load_cv']):.2f} max, dead "
-                            f"{sum(load['dead_experts'])}, dropped {100 * max(load['dropped']):.1f}% max, coverage "
-                            f"{100 * min(load['pool_coverage']):.0f}%")
-            print(f"iter {it + 1} | loss {loss_sum:.4f}{aux_note} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
-                  f"{tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_seconds(eta)}")
-            record = {"iter": it + 1, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr, "ms_per_iter": dt * 1000}
-            if layers:  # tokens per expert in each layer (last micro-batch) and the statistics above, per layer
-                record["expert_counts"] = [c.tolist() for c in out.aux["counts"]]
-                record.update(load)
-            append_jsonl(metrics_path, record)
-
-    if master:
-        wall = time.perf_counter() - t_start
-        trained = cfg.max_iters - start_iter
-        summary = {"final_val_loss": losses["val"], "final_train_loss": losses["train"], "best_val_loss": best_val,
-                   "iters": cfg.max_iters, "wall_seconds": wall, "train_seconds": train_s, "eval_seconds": eval_s,
-                   # the progress lines' definition: tokens of the training steps / their time (no evaluation)
-                   "tokens_per_second": trained * tokens_per_iter / train_s if trained else None,
-                   "params": n_params, "world_size": world, "device": device, "kept_fraction": kept,
-                   **({f"val_{k}": v for k, v in recall.items()} if cfg.dataset == "recall" else {}),
-                   "config": asdict(cfg)}
-        write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-        print(f"final val loss {losses['val']:.4f} (best {best_val:.4f}) | {fmt_seconds(wall)} wall")
-    if ddp:
-        dist.destroy_process_group()
+def resume(cfg, model, optimizer, scaler, gen):
+    """--resume: weights, optimizer, gradient scaler, data stream and RNG as the last checkpoint left them."""
+    path = os.path.join(cfg.out_dir, "ckpt_last.pt")
+    ckpt = load_checkpoint(path, next(model.parameters()).device)
+    if ckpt["iter"] > cfg.max_iters:
+        raise UserError(f"{path} is at iter {ckpt['iter']}, past --max_iters={cfg.max_iters}")
+    load_weights(model, ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):          # an fp16 run's loss scale (empty when the run had no scaler)
+        scaler.load_state_dict(ckpt["scaler"])
+    gen.set_state(ckpt["data_rng"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return ckpt["iter"], ckpt["best_val"]
 
 
 def init_weights(model, cfg, device):
@@ -537,62 +166,195 @@ def init_weights(model, cfg, device):
     print(f"initialised from {cfg.init_from} (its iter {ckpt['iter']}, attention {ckpt['config']['attn_mask']})")
 
 
-def check_sparse_windows(cfg, mask_kind):
-    """A sparse pattern needs windows >= 1 (w = 0 would keep no neighbour, not even the token itself) and below
-    block_size (a window covering the whole context is full attention)."""
-    if mask_kind in ("", "full"):
-        return
-    windows = layer_windows(cfg) if cfg.layer_windows else [cfg.n_local]
-    if not cfg.layer_windows and cfg.n_local < 1:
-        raise UserError(f"--n_local={cfg.n_local} with --attn_mask/--eval_mask={mask_kind}: the local window must be "
-                        f">= 1 (it counts the token itself); for a full-attention layer use --layer_windows=...,0,...")
-    if max(windows) == 0:
-        raise UserError(f"--layer_windows={cfg.layer_windows} makes every layer full attention; use --attn_mask=full")
-    if all(w == 0 or w >= cfg.block_size for w in windows):
-        raise UserError(f"the window {max(windows)} covers the whole context block_size={cfg.block_size}, so "
-                        f"--attn_mask/--eval_mask={mask_kind} would be full attention: use --block_size larger than "
-                        f"the window (e.g. --block_size={4 * max(windows)}) or a smaller --n_local")
+def compile_model(model, device):
+    """--compile: torch.compile fuses the element-wise ops (on the CPU it generates C++, so it needs a compiler)."""
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+        raise UserError("--compile on the CPU needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX); "
+                        "install one or run without --compile")
+    return torch.compile(model)
+
+
+# ----------------------------------------------------------------------------- one step, one evaluation, one line
+
+def train_step(model, layers, optimizer, scaler, x, y, cfg, autocast, patterns):
+    """One optimizer step on this process's rows x, y (grad_accum * batch_size, T): grad_accum micro-batches whose
+    gradients add up (DDP averages them over processes on the last one), clipping, AdamW, then the balancing bias.
+    Returns the mean loss and auxiliary loss as tensors (reading them on a GPU would wait for the whole step)
+    and the last micro-batch's routing (GPT.forward's aux)."""
+    kind = cfg.aux_loss if cfg.aux_loss != "auto" else ("switch" if cfg.ffn == "moe" else "pool")
+    loss_sum = aux_sum = 0.0
+    counts = [0] * len(layers)               # tokens per expert this step, per layer (the balancing bias reads it)
+    for micro, (xb, yb) in enumerate(zip(x.split(cfg.batch_size), y.split(cfg.batch_size))):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model.require_backward_grad_sync = micro == cfg.grad_accum - 1   # all-reduce once, on the last
+        with autocast:
+            out = model(xb, yb, attn_mask=patterns(xb))
+            aux = aux_losses(layers, out.aux, kind, cfg.aux_coef, cfg.zloss_coef) if layers else 0.0
+        scaler.scale((out.loss + aux) / cfg.grad_accum).backward()       # float16: a scaled loss keeps small grads
+        loss_sum += out.loss.detach() / cfg.grad_accum
+        aux_sum += (aux.detach() if torch.is_tensor(aux) else aux) / cfg.grad_accum
+        counts = [a + c for a, c in zip(counts, out.aux.get("counts", []))]
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)                                        # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)                                                # skipped if a float16 gradient overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    for layer, c in zip(layers, counts) if cfg.bias_rate > 0 else ():
+        if dist.is_initialized():
+            dist.all_reduce(c)
+        layer.router.update_bias(c, cfg.bias_rate)
+    return loss_sum, aux_sum, out.aux
+
+
+def evaluate(model, data, cfg, device, autocast, patterns):
+    """Mean train and val loss on fixed batches; with --dataset=recall, the answers' accuracy too ({} else)."""
+    losses = estimate_loss(model, data, cfg, device, autocast, patterns)
+    if not all(map(math.isfinite, losses.values())):
+        raise UserError(f"loss became {losses}; the last good checkpoint is kept. Lower --lr or raise --warmup_iters")
+    recall = recall_eval(model, data["val"], cfg, device, autocast, patterns) if cfg.dataset == "recall" else {}
+    return losses, recall
+
+
+def log_progress(record, tokens_per_s, eta, metrics_path):
+    """One progress line on the console from a metrics record, and the record into metrics.jsonl."""
+    note = ""
+    if "load_cv" in record:     # MoE: load balance per layer, dead experts, dropped pairs, pool coverage
+        note = (f" (aux {record['aux_loss']:.4f}) | load cv {max(record['load_cv']):.2f} max, dead "
+                f"{sum(record['dead_experts'])}, dropped {100 * max(record['dropped']):.1f}% max, coverage "
+                f"{100 * min(record['pool_coverage']):.0f}%")
+    print(f"iter {record['iter']} | loss {record['loss']:.4f}{note} | lr {record['lr']:.2e} | "
+          f"{record['ms_per_iter']:.1f} ms/iter | {tokens_per_s:,.0f} tok/s | ETA {fmt_seconds(eta)}")
+    append_jsonl(metrics_path, record)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg):
+    rank, world, device = setup_ddp(cfg)
+    master, device_type = rank == 0, device.split(":")[0]
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.kernels == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError(f"--kernels=triton needs a CUDA device, and this run has {device} (TRITON_INTERPRET=1 runs "
+                        f"the kernels slowly on the CPU); use --kernels=auto")
+    if master:
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    autocast = autocast_for(device, dtype)
+    torch.manual_seed(cfg.seed + rank)
+
+    data, tok = prepare_data(cfg)
+    sep_ids = tok.separators()
+    patterns = lambda x: sparse_patterns(cfg, cfg.attn_mask, x, sep_ids)  # noqa: E731
+    raw_model = build_model(cfg, tok.vocab_size).to(device)
+    if cfg.init_from and not cfg.resume:
+        init_weights(raw_model, cfg, device)
+    optimizer = torch.optim.AdamW(raw_model.optimizer_groups(cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), fused=device_type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    gen = torch.Generator().manual_seed(cfg.seed)   # every process draws the same global batch, takes its rows
+    start_iter, best_val = resume(cfg, raw_model, optimizer, scaler, gen) if cfg.resume else (0, float("inf"))
+    resume_hint = f"continue with: python train_lm.py --out_dir={cfg.out_dir} --resume"
+    on_interrupt(resume_hint if cfg.resume else "")   # Ctrl-C: one line; what was saved stays as it was
+    model = compile_model(raw_model, device) if cfg.compile else raw_model
+    if dist.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device_type == "cuda" else None)
+    layers = moe_layers(raw_model)
+
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    # the kept share of causal (query, key) pairs, on the first evaluation batch (1.0 for full attention)
+    x_eval = get_batch(data["val"], cfg.batch_size, cfg.block_size, torch.Generator().manual_seed(cfg.seed + 1))[0]
+    kept = kept_fraction(patterns(x_eval) or [None])
+    precision = {torch.float32: "float32", torch.bfloat16: "bfloat16 autocast",
+                 torch.float16: "float16 autocast + gradient scaler"}[dtype]
+    if master:
+        print(f"{param_report(raw_model)} | {tokens_per_iter} tokens/iter | device {device} x{world} | {precision} | "
+              f"{torch.get_num_threads()} threads")
+        print(f"attention {cfg.attn_mask}: kept fraction {kept:.3f} of the causal (query, key) pairs at T="
+              f"{cfg.block_size}" + (f" (a={cfg.n_init}, windows {layer_windows(cfg)})" if cfg.attn_mask != "full"
+                                     else ""))
+        if cfg.resume:
+            print(f"resuming from {cfg.out_dir}/ckpt_last.pt at iter {start_iter}")
+
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    clock, losses = Clock(cfg, start_iter), {}
+    for it in range(start_iter, cfg.max_iters + 1):
+        lr = get_lr(cfg, it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            with clock.evaluation():
+                losses, recall = evaluate(raw_model, data, cfg, device, autocast, patterns)
+                if master:
+                    print(f"eval iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                          + (recall_note(recall) if recall else ""))
+                    append_jsonl(metrics_path, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                                                **{f"val_{k}": v for k, v in recall.items()}})
+                if master and (it > start_iter or not cfg.resume):   # a resumed run's first evaluation is saved
+                    ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(), "iter": it, "best_val": min(best_val, losses["val"]),
+                            "config": asdict(cfg), "chars": tok.chars, "data_rng": gen.get_state(),
+                            "torch_rng": torch.get_rng_state()}
+                    if losses["val"] < best_val:
+                        best_val = losses["val"]
+                        save_atomic(ckpt, os.path.join(cfg.out_dir, "ckpt_best.pt"))
+                    save_atomic(ckpt, os.path.join(cfg.out_dir, "ckpt_last.pt"))
+                    on_interrupt(resume_hint)
+        if it == cfg.max_iters:
+            break
+        with clock.step():
+            x, y = get_batch(data["train"], cfg.batch_size * cfg.grad_accum * world, cfg.block_size, gen)
+            rows = slice(rank * cfg.batch_size * cfg.grad_accum, (rank + 1) * cfg.batch_size * cfg.grad_accum)
+            loss, aux, routing = train_step(model, layers, optimizer, scaler, to_device(x[rows], device),
+                                            to_device(y[rows], device), cfg, autocast, patterns)
+        if master and ((it + 1) % cfg.log_interval == 0 or it == start_iter):
+            dt, eta = clock.lap(it)
+            record = {"iter": it + 1, "loss": float(loss), "aux_loss": float(aux), "lr": lr, "ms_per_iter": dt * 1000}
+            if layers:  # tokens per expert in each layer (last micro-batch) and the load statistics, per layer
+                record.update(expert_counts=[c.tolist() for c in routing["counts"]], **routing_stats(layers, routing))
+            log_progress(record, tokens_per_iter / dt, eta, metrics_path)
+
+    if master:
+        wall, trained = time.perf_counter() - clock.t0, cfg.max_iters - start_iter
+        write_json(os.path.join(cfg.out_dir, "summary.json"), {
+            "final_val_loss": losses["val"], "final_train_loss": losses["train"], "best_val_loss": best_val,
+            "iters": cfg.max_iters, "wall_seconds": wall, "train_seconds": clock.train_s, "eval_seconds": clock.eval_s,
+            # the progress lines' definition: tokens of the training steps / their time (no evaluation)
+            "tokens_per_second": trained * tokens_per_iter / clock.train_s if trained else None,
+            "params": raw_model.num_params(), "world_size": world, "device": device, "dtype": str(dtype)[6:],
+            "kept_fraction": kept, **{f"val_{k}": v for k, v in recall.items()}, "config": asdict(cfg)})
+        print(f"final val loss {losses['val']:.4f} (best {best_val:.4f}) | {fmt_seconds(wall)} wall")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- flags
+
+def resumed(cfg, argv):
+    """--resume: the run's saved settings, with the flags of RESUMABLE given on top; the schedule must stay the
+    same, so a longer run keeps the cosine's end (lr_decay_iters; 0 = max_iters) and trains on past it at min_lr."""
+    if cfg.init_from or cfg.overwrite:
+        other = "init_from" if cfg.init_from else "overwrite"
+        raise UserError(f"--resume continues the run in {cfg.out_dir}; --{other} starts a new one: pick one")
+    path = os.path.join(cfg.out_dir, "ckpt_last.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--resume but {path} does not exist; drop --resume or fix --out_dir")
+    saved = load_checkpoint(path)["config"]
+    new = resumed_config(TrainConfig, saved, argv, RESUMABLE)
+    end, new_end = saved["lr_decay_iters"] or saved["max_iters"], new.lr_decay_iters or new.max_iters
+    if new_end != end:
+        raise UserError(f"the run's cosine ends at iter {end} and would end at {new_end}, so the resumed iterations "
+                        f"would get other learning rates: finish the run with its --max_iters={saved['max_iters']} (or "
+                        f"no --max_iters); train on past {end} at min_lr with --max_iters={new.max_iters} "
+                        f"--lr_decay_iters={end}; or start a new run from its weights with --init_from={path}")
+    return new
 
 
 def main():
-    cfg = parse_flags(TrainConfig, sys.argv[1:])
-    if cfg.dataset not in ("shakespeare_char", "shakespeare", "recall"):
-        raise UserError(f"unknown --dataset={cfg.dataset}; use shakespeare_char, shakespeare or recall")
-    for key in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "block_size"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"--{key}={getattr(cfg, key)} must be >= 1")
-    choices = {"ffn": ("dense", "moe", "unipool"), "router": ("auto", "softmax", "norm", "mixtral"),
-               "aux_loss": ("auto", "switch", "pool", "none"), "attn_mask": ("full", "sepllm", "streaming", "fixed"),
-               "recall_targets": ("all", "answers")}
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(allowed)}")
-    layer_windows(cfg)
-    check_sparse_windows(cfg, cfg.attn_mask)
-    if cfg.resume and cfg.init_from:
-        raise UserError("--resume continues this run; --init_from starts a new one from another's weights: pick one")
-    if cfg.ffn == "dense" and (cfg.n_shared or cfg.bias_rate):
-        raise UserError("--n_shared and --bias_rate act on experts: use them with --ffn=moe or --ffn=unipool")
-    if cfg.bias_rate < 0:
-        raise UserError(f"--bias_rate={cfg.bias_rate} must be >= 0 (0 = off)")
-    if cfg.attn_mask != "full" and cfg.dropout > 0:
-        raise UserError("--dropout must be 0 with a sparse --attn_mask (the sparse kernels have no attention dropout)")
-    try:
-        set_backend(cfg.kernels)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    try:
-        build_model(cfg, vocab_size=1) if cfg.ffn != "dense" else model_config(cfg, vocab_size=1)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    decay_end = cfg.lr_decay_iters or cfg.max_iters
-    if cfg.warmup_iters >= decay_end:
-        capped = decay_end // 10
-        print(f"note: --warmup_iters={cfg.warmup_iters} is not shorter than the {decay_end}-iteration schedule, so the "
-              f"learning rate would never reach --lr={cfg.lr:g}: warm-up capped at {capped} iterations (10 %)")
-        cfg.warmup_iters = capped
-    if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
-        raise UserError(f"--resume but {cfg.out_dir}/ckpt_last.pt does not exist; drop --resume or fix --out_dir")
+    argv = sys.argv[1:]
+    cfg = parse_flags(TrainConfig, argv)
+    if cfg.resume:
+        cfg = resumed(cfg, argv)
+    check_train_flags(cfg)
     train(cfg)
 
 

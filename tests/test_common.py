@@ -5,8 +5,9 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+import torch
 
-from common import UserError, parse_flags, prepare_out_dir, resumed_config
+from common import UserError, parse_flags, pick_dtype, prepare_out_dir, refuse_unused, resumed_config
 
 
 @dataclass
@@ -16,6 +17,7 @@ class C:
     out_dir: str = "out"
     log_interval: int = 5
     resume: bool = False
+    overwrite: bool = False
 
 
 def test_unknown_flag_suggests_the_closest_known_one():
@@ -62,3 +64,41 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
                        env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert p.returncode == 130
     assert p.stderr.strip() == "interrupted: nothing new was saved; continue with --resume"
+
+
+def test_resumed_run_is_never_an_overwrite():
+    """A run started with --overwrite saves overwrite=True; resuming it must not replace it again."""
+    saved = {"max_iters": 10, "lr": 1e-3, "out_dir": "run", "log_interval": 5, "resume": False, "overwrite": True}
+    cfg = resumed_config(C, saved, ["--resume"], set())
+    assert cfg.resume and not cfg.overwrite
+
+
+def test_a_flag_without_effect_is_refused_naming_what_makes_it_count():
+    @dataclass
+    class M:
+        ffn: str = "dense"
+        pool_size: int = 0
+
+    rules = lambda c: [(("pool_size",), c.ffn == "unipool", "--ffn=unipool")]     # noqa: E731
+    refuse_unused(M(), rules(M()))                                                  # defaults: fine
+    refuse_unused(M("unipool", 16), rules(M("unipool", 16)))                        # counts: fine
+    with pytest.raises(UserError, match="^--pool_size=16 has no effect with these flags: it counts only with "
+                                        "--ffn=unipool$"):
+        refuse_unused(M("dense", 16), rules(M("dense", 16)))
+
+
+def test_dtype_auto_follows_the_device_and_impossible_choices_name_the_fix(monkeypatch):
+    assert pick_dtype("auto", "cpu") == pick_dtype("float32", "cpu") == torch.float32
+    for name in ("float16", "bfloat16"):
+        with pytest.raises(UserError, match=f"--dtype={name} needs a CUDA GPU; on cpu use --dtype=float32"):
+            pick_dtype(name, "cpu")
+    with pytest.raises(UserError, match="must be one of auto, bfloat16, float16, float32"):
+        pick_dtype("half", "cpu")
+    # a GPU without bfloat16 arithmetic (a T4): torch reports emulated support unless asked for native support
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert pick_dtype("auto", "cuda") == torch.float16 and pick_dtype("float16", "cuda:0") == torch.float16
+    with pytest.raises(UserError, match="--dtype=bfloat16 but Tesla T4 has no bfloat16 arithmetic; use --dtype=flo"):
+        pick_dtype("bfloat16", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # an A100
+    assert pick_dtype("auto", "cuda") == pick_dtype("bfloat16", "cuda") == torch.bfloat16

@@ -163,6 +163,11 @@ def test_a_table_runs_its_scripts_then_resumes(tmp_path, monkeypatch, capsys):
     experiments.main(["tiny", f"--out_dir={tmp_path}"])
     assert capsys.readouterr().out.count("not run again") == 2
 
+    os.remove(tmp_path / "tiny" / "full" / "summary.json")        # an unfinished run (its checkpoints are there)
+    experiments.main(["tiny", f"--out_dir={tmp_path}"])            # starts over: the script would refuse the folder
+    assert capsys.readouterr().out.count("not run again") == 1
+    assert os.path.exists(tmp_path / "tiny" / "full" / "summary.json")
+
     runs.append(Run("bad", "train_lm.py", ["--max_iters=0"]))
     with pytest.raises(UserError, match="bad failed .exit 2; its output is in .*bad/log.txt"):
         experiments.main(["tiny", f"--out_dir={tmp_path}"])
@@ -186,3 +191,38 @@ def test_bench_rec_times_a_share_of_an_epoch(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_rec.py", f"--data_dir={tmp_path}", "--dataset=toy", "--share=0"])
     with pytest.raises(UserError, match="--share=0.0 must be in"):
         bench_rec.main()
+
+
+def test_a_quick_run_is_printed_beside_its_expected_values(tmp_path, monkeypatch, capsys):
+    """--quick ends with each stored expected value (mean ± half the spread of two seeds) beside this run's."""
+    runs = [Run("a", "train_lm.py", []), Run("b", "train_rec.py", [])]
+    expected = (("a", "final_val_loss", 2.0, 0.01), ("b", "test/recall@20", 0.1, 0.002))
+    monkeypatch.setitem(TABLES, "tiny", Table("a test", "", "", lambda quick: runs, lambda S, quick: None, "-",
+                                              expected))
+    write(tmp_path / "tiny-quick" / "a" / "summary.json", {"final_val_loss": 2.0071})
+    write(tmp_path / "tiny-quick" / "b" / "summary.json", {"test": {"recall@20": 0.0950}})
+    experiments.main(["tiny", f"--out_dir={tmp_path}", "--quick"])
+    text = capsys.readouterr().out
+    assert "| a | final_val_loss | 2.0071 | 2.0000 ± 0.0100 | yes |" in text
+    assert "| b | test/recall@20 | 0.0950 | 0.1000 ± 0.0020 | no |" in text
+    for run in ("a", "b"):                                          # the README's budget: no quick check
+        write(tmp_path / "tiny" / run / "summary.json", {})
+    experiments.main(["tiny", f"--out_dir={tmp_path}"])
+    assert "expected" not in capsys.readouterr().out
+    # every table has the field; the measured ones name runs and keys their quick runs have
+    for name in ("backbone", "sa_softmax", "sepllm", "lightgcn"):
+        table = TABLES[name]
+        assert table.expected, name
+        names = {r.name for r in table.runs(True)}
+        assert all(run in names and spread >= 0 for run, _, _, spread in table.expected), name
+
+
+def test_seed_offsets_every_training_run_into_its_own_folder(tmp_path, capsys):
+    """--seed=1 (the second seed of the expected values) adds 1 to each training run's seed, into TABLE-quick-seed1."""
+    experiments.main(["sa_softmax", f"--out_dir={tmp_path}", "--quick", "--seed=1", "--dry_run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all("--seed=1338" in line and "--seed=1337" not in line for line in lines)
+    assert all(f"--out_dir={tmp_path}{os.sep}sa_softmax-quick-seed1{os.sep}" in line for line in lines)
+    experiments.main(["lightgcn", f"--out_dir={tmp_path}", "--quick", "--seed=1", "--dry_run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.count("--seed=2021") for line in lines] == [1, 1, 0]     # train_rec.py twice, not the benchmark

@@ -105,6 +105,9 @@ def test_every_kind_writes_a_small_png(tmp_path, mpl):
 
 def test_runs_are_labelled_by_the_flags_that_differ(tmp_path):
     runs = [lm_run(tmp_path / "a"), lm_run(tmp_path / "b", ffn="moe"), lm_run(tmp_path / "c", ffn="unipool")]
+    summary = json.load(open(os.path.join(runs[1], "summary.json")))
+    summary["config"]["overwrite"] = True                         # made with --overwrite: where, not what
+    json.dump(summary, open(os.path.join(runs[1], "summary.json"), "w"))
     assert plot.labels(runs) == ["ffn=dense", "ffn=moe", "ffn=unipool"]
     runs = [lightgnn_run(tmp_path / "lg"), lightgnn_run(tmp_path / "nokd", kd_pred=0.0, kd_emb=0.0)]
     assert plot.labels(runs) == ["kd_emb=0.01 kd_pred=1.0", "kd_emb=0.0 kd_pred=0.0"]
