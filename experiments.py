@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from common import UserError, fmt_seconds, parse_flags, prepare_out_dir, run_main, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ("bench_rec.py", "kernels.bench")     # they print tables: their output becomes summary.json
+BENCHES = ("bench_rec.py", "bench_kernels.py")     # they print tables: their output becomes summary.json
 SEED = {"train_lm.py": 1337, "train_rec.py": 2020}   # the scripts' default seeds (--seed=S adds S)
 
 
 @dataclass
 class Run:
     name: str                   # its folder, OUT/TABLE/name
-    script: str                 # train_lm.py | eval_lm.py | train_rec.py | bench_rec.py | kernels.bench
+    script: str                 # train_lm.py | eval_lm.py | train_rec.py | bench_rec.py | bench_kernels.py
     flags: list                 # "{dir}" stands for OUT/TABLE (eval runs: --out_dir={dir}/RUN of a trained run)
     data: bool = True           # takes --data_dir
     done: object = None         # summary -> bool, for scripts that write summary.json before they finish
@@ -362,8 +362,8 @@ def lightgnn_show(S, quick):
 
 def kernels_runs(quick):
     budget = ["--reps=2", "--iters=20", "--experts=16"] if quick else ["--reps=5", "--iters=100"]
-    return [Run("moe", "kernels.bench", ["--part=moe"] + budget, data=False),
-            Run("attention", "kernels.bench", ["--part=attention"] + (["--reps=2"] if quick else []), data=False)]
+    return [Run("moe", "bench_kernels.py", ["--part=moe"] + budget, data=False),
+            Run("attention", "bench_kernels.py", ["--part=attention"] + (["--reps=2"] if quick else []), data=False)]
 
 
 def kernels_show(S, quick):
@@ -399,7 +399,7 @@ TABLES = {
     "unlearnrec": Table("UnlearnRec on ml-1m (quick: latest-small): 1 % x2, 5 %, adversarial; MF base", "1.5 h",
                         "2 min", unlearnrec_runs, unlearnrec_show, "> 10x faster than retraining, with retraining's "
                         "accuracy"),
-    "kernels": Table("CPU MoE dispatch and SepLLM attention benchmarks (kernels/bench.py)", "5 min", "0.7 min",
+    "kernels": Table("MoE dispatch and SepLLM attention benchmarks (bench_kernels.py)", "5 min", "0.7 min",
                      kernels_runs, kernels_show, "(none: this project's kernels against PyTorch)"),
 }
 
@@ -418,7 +418,7 @@ def command(run, table_dir, data_dir, seed=0):
     elif run.script == "eval_lm.py":
         flags.append(f"--out_json={os.path.join(run_dir, 'summary.json')}")
     flags += [f"--data_dir={data_dir}"] if data_dir and run.data else []
-    return (["-m", run.script] if run.script == "kernels.bench" else [run.script]) + flags
+    return [run.script] + flags
 
 
 def load_summary(run, run_dir):
@@ -437,7 +437,7 @@ def execute(run, argv, run_dir):
     log_path = os.path.join(run_dir, "log.txt")
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    head = argv[:2] if argv[0] == "-m" else [os.path.join(ROOT, argv[0])]
+    head = [os.path.join(ROOT, argv[0])]
     t0 = time.time()
     with open(log_path, "w") as log, subprocess.Popen([sys.executable, *head, *argv[len(head):]], env=env, text=True,
                                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:

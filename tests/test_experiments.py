@@ -8,7 +8,7 @@ import pytest
 import bench_rec
 import eval_lm
 import experiments
-import kernels.bench
+import bench_kernels
 import train_lm
 import train_rec
 from common import UserError
@@ -17,7 +17,7 @@ from experiments import TABLES, Run, Table
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class Stop(Exception):
+class Stop(BaseException):  # not an Exception: a script's own error handling must not swallow it
     """Raised where a script would start its work: its flags were parsed and checked."""
 
 
@@ -28,11 +28,11 @@ def stop(*args, **kwargs):
 def check_with_script(argv, monkeypatch):
     """Give argv (what follows `python`) to the script's own main(), with its work replaced by Stop: the flag
     parser and every check the script makes before training must pass."""
-    script, flags = (argv[1], argv[2:]) if argv[0] == "-m" else (argv[0], argv[1:])
+    script, flags = argv[0], argv[1:]
     module, work = {"train_lm.py": (train_lm, ["train"]), "train_rec.py": (train_rec, ["load_data"]),
                     "eval_lm.py": (eval_lm, ["sample", "probe_router", "eval_mask", "stream_eval"]),
                     "bench_rec.py": (bench_rec, ["load_lightgcn_dir"]),
-                    "kernels.bench": (kernels.bench, ["moe_layer_bench", "sepllm_attention_bench"])}[script]
+                    "bench_kernels.py": (bench_kernels, ["moe_layer_bench", "attention_bench_cpu", "train_step_bench"])}[script]
     for name in work:
         monkeypatch.setattr(module, name, stop)
     monkeypatch.setattr(sys, "argv", [script, *flags])

@@ -15,7 +15,8 @@ from scipy.stats import chisquare
 
 import eval_lm
 from gpt import GPT, GPTConfig, GPTOutput
-from train_lm import TrainConfig, build_model, prepare_data
+from lm_common import build_model, prepare_data
+from train_lm import TrainConfig
 
 Z = torch.tensor([1.2, -0.3, 0.8, 0.0, -1.0, 0.5, 1.5, -0.6])       # logits of the stand-in model
 N = 40_000                                                             # draws per test (one batch row each)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import eval_lm
+from lm_common import build_model, get_batch, prepare_data, sparse_patterns
 import train_lm
-from train_lm import TrainConfig, build_model, get_batch, get_lr, make_masks, prepare_data
+from train_lm import TrainConfig, get_lr
 
 TEXT = "".join(f"Line {i}: to be, or not to be; that is the question. Whether 'tis nobler!\n" for i in range(200))
 SEPARATOR_CHARS = ".,?!;:\n \t"         # SepLLM's separators; in a character vocabulary each is one token
@@ -94,7 +95,7 @@ def test_layer_windows_reach_the_layers_they_name(lm_setup):
     cfg.n_init, cfg.n_local, cfg.layer_windows = 2, 16, "4,0,2"
     x, y = get_batch(data["train"], 4, cfg.block_size, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        got = model(x, y, attn_mask=make_masks(cfg, "sepllm", x, tok.separators())).loss
+        got = model(x, y, attn_mask=sparse_patterns(cfg, "sepllm", x, tok.separators())).loss
         # layer 0: window 4, layer 1: full causal attention, layer 2: window 2
         expect = model(x, y, attn_mask=[rule_1_mask(x, sep, 2, 4), None, rule_1_mask(x, sep, 2, 2)]).loss
         reversed_ = model(x, y, attn_mask=[rule_1_mask(x, sep, 2, 2), None, rule_1_mask(x, sep, 2, 4)]).loss
