@@ -239,7 +239,7 @@ def test_subspace_uniformity_equals_formula():
             for b in range(len(EB)):
                 o = MA[a] @ MB[b]
                 if o >= MA[a].sum() - loosen and o >= MB[b].sum() - loosen:
-                    total -= logits[b] - lse
+                    total -= float(logits[b]) - lse
         return total / len(idx)
 
     expect = (term(Eu, Mu, users, Ei, Mi) + term(Ei, Mi, items, Eu, Mu) + term(Eu, Mu, users, Eu, Mu)
