@@ -54,8 +54,12 @@ def resources(compiled, capability):
             f.write(compiled.asm["ptx"])
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        log = subprocess.run([os.path.join(BIN, "ptxas"), f"-arch={arch}", "-v", "-o", os.devnull, ptx],
-                             capture_output=True, text=True).stderr
+        for ptxas in ("ptxas-blackwell", "ptxas"):          # the first that reads this Triton's PTX version
+            run = subprocess.run([os.path.join(BIN, ptxas), f"-arch={arch}", "-v", "-o", os.devnull, ptx],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                break
+        log = run.stderr
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     regs = re.findall(r"Used (\d+) registers", log)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
