@@ -96,16 +96,28 @@ class SparsePattern(NamedTuple):
 
 def kept_fraction(masks):
     """Kept share of the causal (query, key) pairs, averaged over layers. Each entry: a (B, T, T) bool mask,
-    a SparsePattern, or None (full attention)."""
+    a SparsePattern, or None (full attention).
+
+    A SparsePattern is counted without its (B, T, T) mask (13 GB at B = 12, T = 16k). Query i keeps its window,
+    min(i + 1, w) keys, plus every sink or separator left of it, j ≤ i − w. With c[j] = #{j' ≤ j : j' < a or
+    keep[j']} (a prefix sum), query i keeps min(i + 1, w) + c[i − w] (the second term only where i ≥ w)."""
     masks = masks if isinstance(masks, list) else [masks]
     out = []
     for m in masks:
         if m is None:
             out.append(1.0)
+            continue
+        if isinstance(m, SparsePattern):
+            B, T = m.keep.shape
+            i = torch.arange(T, device=m.keep.device)
+            c = (m.keep | (i < m.n_init)).long().cumsum(-1)                       # (B, T)
+            window = torch.clamp(i + 1, max=m.n_local).sum() * B
+            left = c[:, : max(T - m.n_local, 0)].sum()                            # c[i - w] for i = w .. T-1
+            kept = (window + left).item()
         else:
-            m = m.dense() if isinstance(m, SparsePattern) else m
-            T = m.shape[-1]
-            out.append(m.float().sum().item() / (m.shape[0] * T * (T + 1) / 2))
+            B, T = m.shape[0], m.shape[-1]
+            kept = m.float().sum().item()
+        out.append(kept / (B * T * (T + 1) / 2))
     return sum(out) / len(out)
 
 

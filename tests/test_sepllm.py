@@ -39,6 +39,19 @@ def test_kept_fraction():
     assert kept_fraction([None, pattern]) == pytest.approx((1 + 10 / 55) / 2)
 
 
+@pytest.mark.parametrize("a, w", [(0, 1), (3, 4), (2, 50), (1, 23)])
+def test_kept_fraction_of_a_pattern_counts_rule_one_without_a_mask(a, w, monkeypatch):
+    """Batch > 1, each row its own separators: the count equals rule (1) walked pair by pair, and no (B, T, T)
+    mask is built for it."""
+    g = torch.Generator().manual_seed(7 * a + w)
+    idx = torch.randint(0, 8, (3, 23), generator=g)
+    pattern = SparsePattern(torch.isin(idx, torch.tensor(SEP)), a, w)
+    expect = brute_force(idx, SEP, a, w).sum().item() / (3 * 23 * 24 / 2)
+    monkeypatch.setattr(SparsePattern, "dense", lambda self: pytest.fail("kept_fraction built the dense mask"))
+    assert kept_fraction(pattern) == pytest.approx(expect, rel=1e-12)
+    assert kept_fraction([pattern, None]) == pytest.approx((expect + 1) / 2, rel=1e-12)
+
+
 def test_separator_ids_from_tokenizers():
     assert separator_ids(list("ab.,\n x")) == [2, 3, 4, 5]
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",
