@@ -93,15 +93,13 @@ def md(header, rows):
 
 LM_QUICK = ["--max_iters=300", "--eval_interval=150", "--eval_iters=10"]
 SEEDS = (1337, 1338)
+BACKBONE_QUICK = (("default", "final_val_loss", 2.0788, 0.0077),)   # seeds 1337, 1338: 2.0866, 2.0711
 
 
 def seeded(rows, quick):
     """train_lm.py runs NAME_sSEED of (name, flags, seeds, ...) rows; the quick budget has one seed."""
     return [Run(f"{name}_s{s}", "train_lm.py", merge(flags, [f"--seed={s}"], LM_QUICK if quick else []))
             for name, flags, n, *_ in rows for s in SEEDS[:1 if quick else n]]
-
-
-BACKBONE_QUICK = (("default", "final_val_loss", 2.0788, 0.0077),)   # seeds 1337, 1338: 2.0866, 2.0711
 
 
 def backbone_show(S, quick):
@@ -177,8 +175,6 @@ STREAMS = [  # run, flags, tokens (full, quick), label, README perplexity, paper
     ("sepcache_4k", SEPCACHE, (4096, 512), "SepCache, as above", "116.96", ""),
     ("sink_4k", SINK, (4096, 512), "SinkCache, as above", "116.46", ""),
     ("full_4k", ["--stream=full"], (4096, 512), "full cache, positions past the 256 trained", "161.77", "302.56")]
-
-
 SEPLLM_QUICK = (("full", "final_val_loss", 8.1260, 0.0249), ("sepllm", "final_val_loss", 8.1043, 0.0399),
                 ("streaming", "final_val_loss", 8.1205, 0.0237), ("free_sepllm", "val_loss", 8.1265, 0.0257),
                 ("free_streaming", "val_loss", 8.1260, 0.0250), ("sepcache_16k", "ppl", 3367.1552, 46.6673),
@@ -301,14 +297,11 @@ def unlearnrec_show(S, quick):
     for (run, k), readme in UL_README.items():
         step = get(S, run, "steps", k) or {}
         by_model = {r["model"]: r for r in step.get("rows", [])}
-        for m, ref in zip(UL_MODELS, readme):
-            if m not in by_model and not ref:
-                continue
-            r = by_model.get(m, {"model": m})
-            rows.append((f"{run}, request {k + 1} ({step.get('requests', '?')} edges)", r["model"],
-                         fmt(get(r, "test", "recall@20")), fmt(get(r, "test", "ndcg@20")),
-                         " / ".join(fmt(get(r, p, "mean"), ".2f") for p in ("forgotten", "held_out", "negatives")),
-                         fmt(r.get("mia_auc"), ".3f"), fmt(r.get("seconds"), ".0f"), ref))
+        rows += [(f"{run}, request {k + 1} ({step.get('requests', '?')} edges)", m, fmt(get(r, "test", "recall@20")),
+                  fmt(get(r, "test", "ndcg@20")),
+                  " / ".join(fmt(get(r, p, "mean"), ".2f") for p in ("forgotten", "held_out", "negatives")),
+                  fmt(r.get("mia_auc"), ".3f"), fmt(r.get("seconds"), ".0f"), ref)
+                 for m, ref in zip(UL_MODELS, readme) if m in by_model or ref for r in [by_model.get(m, {})]]
     md(["request", "model", "test Recall@20", "test NDCG@20", "score: forgotten / held-out / negatives",
         "membership AUC", "train s", "README Recall / AUC"], rows)
     for run in ("ul1", "mf_ul1"):
@@ -437,10 +430,9 @@ def execute(run, argv, run_dir):
     log_path = os.path.join(run_dir, "log.txt")
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    head = [os.path.join(ROOT, argv[0])]
     t0 = time.time()
-    with open(log_path, "w") as log, subprocess.Popen([sys.executable, *head, *argv[len(head):]], env=env, text=True,
-                                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
+    with open(log_path, "w") as log, subprocess.Popen([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], env=env,
+                                                      text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
         for line in p.stdout:
             sys.stdout.write(line)
             log.write(line)
