@@ -10,33 +10,21 @@ beside the README's and the paper's claim.
 
 Each table is data: its runs (a script and the flags the README gives), a function that prints the table from
 the runs' summary.json, and the values a --quick run should give (mean and spread of --seed=0 and --seed=1),
-printed beside it. Runs write into OUT/TABLE/RUN (OUT/TABLE-quick/RUN with --quick), output mirrored to log.txt.
-A run whose summary.json exists is not run again: the same command resumes an interrupted table (an unfinished
-run starts over). --data_dir=DIR goes to every script that reads data (DIR/shakespeare/input.txt, DIR/ml-1m/...);
-ml-1m has no download. sepllm needs GPT-2's BPE (offline: TIKTOKEN_CACHE_DIR). On a busy machine: OMP_NUM_THREADS=1.
+printed beside it. Runs (runner.py) write into OUT/TABLE/RUN (OUT/TABLE-quick/RUN with --quick), output mirrored
+to log.txt. A run whose summary.json exists is not run again: the same command resumes an interrupted table (an
+unfinished run starts over). --data_dir=DIR goes to every script that reads data (DIR/shakespeare/input.txt,
+DIR/ml-1m/...); ml-1m has no download. sepllm needs GPT-2's BPE (offline: TIKTOKEN_CACHE_DIR). On a busy machine:
+OMP_NUM_THREADS=1.
 """
-import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from common import UserError, fmt_seconds, parse_flags, prepare_out_dir, run_main, write_json
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ("bench_rec.py", "bench_kernels.py")     # they print tables: their output becomes summary.json
-SEED = {"train_lm.py": 1337, "train_rec.py": 2020}   # the scripts' default seeds (--seed=S adds S)
-
-
-@dataclass
-class Run:
-    name: str                   # its folder, OUT/TABLE/name
-    script: str                 # train_lm.py | eval_lm.py | train_rec.py | bench_rec.py | bench_kernels.py
-    flags: list                 # "{dir}" stands for OUT/TABLE (eval runs: --out_dir={dir}/RUN of a trained run)
-    data: bool = True           # takes --data_dir
-    done: object = None         # summary -> bool, for scripts that write summary.json before they finish
+from common import UserError, fmt_seconds, parse_flags, run_main
+from runner import BENCHES  # noqa: F401 (importable from here)
+from runner import Run, check_data, command, execute, load_summary, merge
 
 
 @dataclass
@@ -57,14 +45,6 @@ class Flags:
     data_dir: str = ""          # passed to every script that reads data
     dry_run: bool = False       # print the commands only
     seed: int = 0               # added to every training run's seed (into OUT/TABLE-seedS): --seed=1 is a 2nd seed
-
-
-def merge(*groups):
-    """Flags in order; a later --key replaces an earlier one in place (the quick budget overrides the README's)."""
-    out = {}
-    for f in (f for group in groups for f in group):
-        out[f.split("=")[0]] = f
-    return list(out.values())
 
 
 def get(S, *keys):
@@ -93,15 +73,13 @@ def md(header, rows):
 
 LM_QUICK = ["--max_iters=300", "--eval_interval=150", "--eval_iters=10"]
 SEEDS = (1337, 1338)
+BACKBONE_QUICK = (("default", "final_val_loss", 2.0788, 0.0077),)   # seeds 1337, 1338: 2.0866, 2.0711
 
 
 def seeded(rows, quick):
     """train_lm.py runs NAME_sSEED of (name, flags, seeds, ...) rows; the quick budget has one seed."""
     return [Run(f"{name}_s{s}", "train_lm.py", merge(flags, [f"--seed={s}"], LM_QUICK if quick else []))
             for name, flags, n, *_ in rows for s in SEEDS[:1 if quick else n]]
-
-
-BACKBONE_QUICK = (("default", "final_val_loss", 2.0788, 0.0077),)   # seeds 1337, 1338: 2.0866, 2.0711
 
 
 def backbone_show(S, quick):
@@ -177,8 +155,6 @@ STREAMS = [  # run, flags, tokens (full, quick), label, README perplexity, paper
     ("sepcache_4k", SEPCACHE, (4096, 512), "SepCache, as above", "116.96", ""),
     ("sink_4k", SINK, (4096, 512), "SinkCache, as above", "116.46", ""),
     ("full_4k", ["--stream=full"], (4096, 512), "full cache, positions past the 256 trained", "161.77", "302.56")]
-
-
 SEPLLM_QUICK = (("full", "final_val_loss", 8.1260, 0.0249), ("sepllm", "final_val_loss", 8.1043, 0.0399),
                 ("streaming", "final_val_loss", 8.1205, 0.0237), ("free_sepllm", "val_loss", 8.1265, 0.0257),
                 ("free_streaming", "val_loss", 8.1260, 0.0250), ("sepcache_16k", "ppl", 3367.1552, 46.6673),
@@ -301,14 +277,11 @@ def unlearnrec_show(S, quick):
     for (run, k), readme in UL_README.items():
         step = get(S, run, "steps", k) or {}
         by_model = {r["model"]: r for r in step.get("rows", [])}
-        for m, ref in zip(UL_MODELS, readme):
-            if m not in by_model and not ref:
-                continue
-            r = by_model.get(m, {"model": m})
-            rows.append((f"{run}, request {k + 1} ({step.get('requests', '?')} edges)", r["model"],
-                         fmt(get(r, "test", "recall@20")), fmt(get(r, "test", "ndcg@20")),
-                         " / ".join(fmt(get(r, p, "mean"), ".2f") for p in ("forgotten", "held_out", "negatives")),
-                         fmt(r.get("mia_auc"), ".3f"), fmt(r.get("seconds"), ".0f"), ref))
+        rows += [(f"{run}, request {k + 1} ({step.get('requests', '?')} edges)", m, fmt(get(r, "test", "recall@20")),
+                  fmt(get(r, "test", "ndcg@20")),
+                  " / ".join(fmt(get(r, p, "mean"), ".2f") for p in ("forgotten", "held_out", "negatives")),
+                  fmt(r.get("mia_auc"), ".3f"), fmt(r.get("seconds"), ".0f"), ref)
+                 for m, ref in zip(UL_MODELS, readme) if m in by_model or ref for r in [by_model.get(m, {})]]
     md(["request", "model", "test Recall@20", "test NDCG@20", "score: forgotten / held-out / negatives",
         "membership AUC", "train s", "README Recall / AUC"], rows)
     for run in ("ul1", "mf_ul1"):
@@ -405,61 +378,6 @@ TABLES = {
 
 
 # ----------------------------------------------------------------------------- running
-
-def command(run, table_dir, data_dir, seed=0):
-    """The argv after `python` that makes `run`: its flags (its seed + seed), its out_dir (or out_json), --data_dir."""
-    run_dir = os.path.join(table_dir, run.name)
-    flags = [f.replace("{dir}", table_dir) for f in run.flags]
-    if seed and run.script in SEED:
-        own = [int(f.split("=")[1]) for f in flags if f.startswith("--seed=")]
-        flags = merge(flags, [f"--seed={(own or [SEED[run.script]])[-1] + seed}"])
-    if run.script in ("train_lm.py", "train_rec.py"):
-        flags.append(f"--out_dir={run_dir}")
-    elif run.script == "eval_lm.py":
-        flags.append(f"--out_json={os.path.join(run_dir, 'summary.json')}")
-    flags += [f"--data_dir={data_dir}"] if data_dir and run.data else []
-    return [run.script] + flags
-
-
-def load_summary(run, run_dir):
-    """The run's summary.json, or None where the run has not finished."""
-    path = os.path.join(run_dir, "summary.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            s = json.load(f)
-        return s if run.done is None or run.done(s) else None
-
-
-def execute(run, argv, run_dir):
-    """Run one script as a subprocess of this Python, its output shown and saved in run_dir/log.txt. An unfinished
-    run's files (the scripts refuse to write over them) are removed first: it starts over."""
-    prepare_out_dir(run_dir, resume=False, overwrite=True)
-    log_path = os.path.join(run_dir, "log.txt")
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    head = [os.path.join(ROOT, argv[0])]
-    t0 = time.time()
-    with open(log_path, "w") as log, subprocess.Popen([sys.executable, *head, *argv[len(head):]], env=env, text=True,
-                                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as p:
-        for line in p.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-    if p.returncode:
-        raise UserError(f"{run_dir} failed (exit {p.returncode}; its output is in {log_path}); finished runs are "
-                        f"kept, so the same command resumes after a fix")
-    if run.script in BENCHES:
-        with open(log_path) as f:
-            write_json(os.path.join(run_dir, "summary.json"), {"output": f.read().strip(),
-                                                               "wall_seconds": time.time() - t0})
-
-
-def check_data(cmds, data_dir):
-    """Data sets with no download (LightGCN's text format) must be under --data_dir: one error before any run."""
-    for name in {f.split("=", 1)[1] for argv in cmds for f in argv if f.startswith("--dataset=")}:
-        if name in ("ml-1m", "yelp-lightgnn") and not os.path.exists(os.path.join(data_dir, name, "train.txt")):
-            raise UserError(f"this table reads {name}, which has no download: pass --data_dir=DIR with "
-                            f"DIR/{name}/train.txt and test.txt (LightGCN's text format)")
-
 
 def check_quick(table, S):
     """Each quick number beside the value expected at the quick budget, so a student can tell a quick run came

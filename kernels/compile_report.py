@@ -88,7 +88,7 @@ def moe_cases(dtype):
 
 
 def attention_cases(dtype, D=128):
-    from kernels import attention as at
+    from kernels import attention as at, attention_bwd as bwd
     t, i32 = TYPES[dtype], "i32"
     ptr = lambda kind: kind + ":16"
     common = {"H": i32, "T": "i32:16", "n_init": i32, "n_local": i32, "qk_scale": "fp32"}
@@ -106,9 +106,9 @@ def attention_cases(dtype, D=128):
               "dv_ptr": ptr(t), "dkc_ptr": "*fp32:16", "dvc_ptr": "*fp32:16", "sep_ptr": "*u8:16",
               "kb_ptr": "*i32:16", **common, "sm_scale": "fp32", **strides("q", "k", "v", "d", "o")}
     for name, kernel, sig, table in (("attn fwd", at._fwd_kernel, fwd, at.FWD_CONFIGS),
-                                     ("attn dq", at._dq_kernel, dq, at.DQ_CONFIGS),
-                                     ("attn dkdv cols", at._dkdv_cols_kernel, cols, at.DKDV_CONFIGS),
-                                     ("attn dkdv window", at._dkdv_window_kernel, window, at.DKDV_CONFIGS)):
+                                     ("attn dq", bwd._dq_kernel, dq, bwd.DQ_CONFIGS),
+                                     ("attn dkdv cols", bwd._dkdv_cols_kernel, cols, bwd.DKDV_CONFIGS),
+                                     ("attn dkdv window", bwd._dkdv_window_kernel, window, bwd.DKDV_CONFIGS)):
         for c in at.attention_configs(table):
             yield f"{name} D={D}", kernel, sig, {**c.kwargs, "D": D, "SCORE": 0}, c
 
