@@ -24,7 +24,8 @@ _interrupt_hint = ""
 
 
 def on_interrupt(hint):
-    """What run_main says after Ctrl-C, e.g. how to resume (set by a script once it knows its out_dir)."""
+    """What run_main says after Ctrl-C, e.g. how to resume (set by a script once it knows its out_dir): a string,
+    or a function returning one, called at the interrupt (to say what there is to resume from by then)."""
     global _interrupt_hint
     _interrupt_hint = hint
 
@@ -38,7 +39,8 @@ def run_main(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: nothing new was saved{'; ' + _interrupt_hint if _interrupt_hint else ''}",
+        hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
+        print(f"\ninterrupted: nothing new was saved{'; ' + hint if hint else ''}",
               file=sys.stderr)
         sys.exit(130)
 
@@ -87,7 +89,7 @@ def resumed_config(cls, saved, argv, may_change):
             if k in saved and saved[k] != getattr(now, k)]
     if diff:
         raise UserError(f"--resume continues the run exactly, so it keeps its settings: drop {', '.join(diff)}; "
-                        f"to change them, start a new run (another --out_dir, or --overwrite)")
+                        f"for another config, start a new run (another --out_dir, or --overwrite)")
     fields = {f.name for f in dataclasses.fields(cls)}
     fresh = {"resume": True, **({"overwrite": False} if "overwrite" in fields else {})}
     return cls(**{**{k: v for k, v in saved.items() if k in fields}, **{k: getattr(now, k) for k in given}, **fresh})

@@ -12,6 +12,7 @@ drawn per user from their training interactions.
 
 Every flag is a field of RecConfig below, written --key=value.
 """
+import json
 import os
 import sys
 import time
@@ -20,25 +21,16 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
-                    pick_device, resume_from, run_main, save_atomic, write_json)
-from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir, load_movielens_zip
+from common import (UserError, append_jsonl, check_same, fmt_seconds, load_checkpoint, on_interrupt, parse_flags,
+                    pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic, write_json)
+from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate
 import lightgnn
-from unlearnrec import unlearn_pipeline
+from rec_common import BASE_KEYS, DATA_KEYS, check_base, check_flags, load_data
+from unlearnrec import forget_fraction, read_requests, unlearn_pipeline
 
-ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
-ML_SMALL_SHA256 = "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436"
-TEXT_DATASETS = {  # LightGCN text format; where a copy can be found
-    "ml-1m": "the ML-1M split of the RecEraser / LightGNN / UnlearnRec papers",
-    "yelp-lightgnn": "HKUDS/LightGNN Datasets/sparse_yelp, converted to text",
-    "gowalla": "gusye1234/LightGCN-PyTorch data/gowalla",
-    "yelp2018": "gusye1234/LightGCN-PyTorch data/yelp2018",
-    "amazon-book": "gusye1234/LightGCN-PyTorch data/amazon-book",
-}
-DATA_KEYS = ("dataset", "min_rating", "val_frac", "test_frac", "seed")
-BASE_KEYS = ("model", "dim", "n_layers", "combine", "self_loops", "graph_edges", "lr", "decay", "batch_size",
-             "epochs", "eval_every", "patience")                # what a retraining copies from the base model's run
 MODEL_KEYS = DATA_KEYS + ("dim", "n_layers", "combine", "self_loops", "graph_edges", "method")
+# what --resume lets a command line change: where files are, the device, and how long it trains
+RESUMABLE = ("out_dir", "data_dir", "cache_dir", "device", "epochs")
 
 
 @dataclass
@@ -48,6 +40,7 @@ class RecConfig:
     data_dir: str = ""                  # folder holding <dataset>/train.txt ... (or ml-latest-small/ml-latest-small.zip)
     cache_dir: str = "~/.cache/nanopapers"
     out_dir: str = "out-rec"
+    overwrite: bool = False             # replace the run already in out_dir (without it, such a folder is refused)
     min_rating: float = 0.0             # MovieLens: ratings >= this are interactions (0 = every rating)
     val_frac: float = 0.1               # per-user validation share when the data set has no val.txt
     test_frac: float = 0.2              # per-user test share when the data set has no test.txt (MovieLens zip)
@@ -117,27 +110,7 @@ class RecConfig:
     # system
     device: str = "auto"
     seed: int = 2020                    # data split, initialisation and sampling
-    resume: bool = False                # continue from out_dir/ckpt_last.pt
-
-
-def load_data(cfg):
-    root = cfg.data_dir or os.path.expanduser(cfg.cache_dir)
-    folder = os.path.join(root, cfg.dataset)
-    try:
-        if cfg.dataset == "ml-latest-small":
-            path = os.path.join(folder, "ml-latest-small.zip")
-            if not os.path.exists(path):
-                if cfg.data_dir:
-                    raise UserError(f"--data_dir={cfg.data_dir} has no ml-latest-small/ml-latest-small.zip")
-                print(f"downloading MovieLens latest-small to {path}")
-                download(ML_SMALL_URL, path, ML_SMALL_SHA256)
-            return load_movielens_zip(path, cfg.min_rating, cfg.val_frac, cfg.test_frac, cfg.seed)
-        if not os.path.exists(os.path.join(folder, "train.txt")):
-            raise UserError(f"no {folder}/train.txt: put the LightGCN-format files of {cfg.dataset} "
-                            f"({TEXT_DATASETS[cfg.dataset]}) there, or pass --data_dir=DIR with DIR/{cfg.dataset}/")
-        return load_lightgcn_dir(folder, cfg.val_frac, cfg.seed)
-    except (DataError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
+    resume: bool = False                # continue out_dir/ckpt_last.pt (--method=lightgcn) with its saved settings
 
 
 def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resume=False):
@@ -160,6 +133,10 @@ def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resu
         gen.set_state(ckpt["rng"])
         state = ckpt["state"]
         print(f"resuming from {last_path} after epoch {state['epoch']}")
+        with open(metrics_path) as f:      # the epochs logged after the checkpoint run again
+            kept = [line for line in f if json.loads(line)["epoch"] <= state["epoch"]]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
 
@@ -191,6 +168,7 @@ def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resu
                             f"Lower --lr")
         record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": len(perm) / dt}
         line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {len(perm) / dt:,.0f} triples/s"
+        saves = []
         if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == epochs:
             with torch.no_grad():
                 E_user, E_item = embed()
@@ -199,13 +177,15 @@ def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resu
             line += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
             if val[key] > state["best_val"]:
                 state.update(best_val=val[key], best_epoch=state["epoch"], bad_evals=0)
-                checkpoint(best_path)
+                saves.append(best_path)
                 line += " (best)"
             else:
                 state["bad_evals"] += 1
-            checkpoint(last_path)
+            saves.append(last_path)
         print(line)
-        append_jsonl(metrics_path, record)
+        append_jsonl(metrics_path, record)      # before the checkpoints: --resume drops what comes after its own
+        for path in saves:
+            checkpoint(path)
     if not os.path.exists(best_path):
         raise UserError(f"no evaluation happened (epochs={epochs} < eval_every={cfg.eval_every}); "
                         f"lower --eval_every")
@@ -253,6 +233,10 @@ def train_lightgcn(cfg, data, device, out_dir, resume=False):
 
 def train(cfg, data, device):
     t_start = time.time()
+    prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    last = os.path.join(cfg.out_dir, "ckpt_last.pt")       # Ctrl-C: say how to continue, once there is a checkpoint
+    on_interrupt(lambda: f"continue with: python train_rec.py --out_dir={cfg.out_dir} --resume"
+                 if os.path.exists(last) else "")
     model, A_hat, state = train_lightgcn(cfg, data, device, cfg.out_dir, cfg.resume)
     with torch.no_grad():
         val, test = report(cfg, data, *model(A_hat))
@@ -267,8 +251,7 @@ def train_lightgnn_pipeline(cfg, data, device):
     """LightGNN (lightgnn.run): teacher -> intermediate -> student pruning rounds, each stage a `fit` run in its
     own subfolder of out_dir; --teacher / --intermediate reuse saved stages (checked against this data set)."""
     t_start = time.time()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    rows = []
+    rows, reuse = [], {"teacher": cfg.teacher, "intermediate": cfg.intermediate}
 
     def stage_fit(stage, model, loss_fn, embed, epochs, after_step):
         return fit(cfg, data, model, loss_fn, embed, os.path.join(cfg.out_dir, stage), epochs, after_step)[
@@ -281,6 +264,10 @@ def train_lightgnn_pipeline(cfg, data, device):
         print(f"== {name} | edges {edges_kept:.3f} | entries {entries_kept:.3f} | cost {cost:.3f} "
               f"| {metrics_line(val, test)} | {fmt_seconds(seconds)}")
         write_json(os.path.join(cfg.out_dir, "summary.json"), {"rounds": rows, "config": asdict(cfg)})
+        if name in reuse:               # Ctrl-C: a pipeline starts over, reusing its finished stages
+            reuse[name] = reuse[name] or os.path.join(cfg.out_dir, name, "ckpt_best.pt")
+            on_interrupt("start again in another --out_dir, reusing the finished stages: " + " ".join(
+                f"--{k}={v}" for k, v in reuse.items() if v))
 
     teacher = mid_state = None
     if cfg.teacher:   # a plain train_rec run (its n_layers, self_loops) or the teacher stage of a lightgnn run
@@ -297,6 +284,7 @@ def train_lightgnn_pipeline(cfg, data, device):
         ckpt = load_checkpoint(cfg.intermediate, device)
         check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim", "mid_layers", "mid_topk"), cfg.intermediate)
         mid_state = (ckpt["model"], ckpt["state"].get("train_seconds", float("nan")))
+    prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     lightgnn.run(data, cfg, stage_fit, row, device, teacher, mid_state)
     print(f"lightgnn pipeline done in {fmt_seconds(time.time() - t_start)}; table in {cfg.out_dir}/summary.json")
 
@@ -305,10 +293,15 @@ def train_unlearnrec(cfg, data, device):
     """UnlearnRec: forget --forget from the --base model with the pipeline of unlearnrec.py (pre-training, requests,
     fine-tuning, the fine-tune-only baseline) given this script's training loop, and compare with retraining
     from scratch (the base run's own settings and stopping rule) without the request edges."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
     base_ckpt = load_checkpoint(cfg.base, device)
     check_same(base_ckpt["config"], asdict(cfg), DATA_KEYS, cfg.base)
     b = base_ckpt["config"]
+    check_base(cfg, b)
+    try:                                                    # the request is checked before out_dir is claimed
+        if forget_fraction(cfg.forget) is None and cfg.forget != "adversarial":
+            read_requests(cfg.forget, data.train, data.n_users, data.n_items)
+    except DataError as e:
+        raise UserError(str(e)) from None
     base_cfg = replace(cfg, method="lightgcn", **{k: b[k] for k in BASE_KEYS if k in b})
     # an encoder is pre-trained for one original model: the base, or the model poisoned from it
     pretrained_on = cfg.base + (" (poisoned)" if cfg.forget == "adversarial" else "")
@@ -319,6 +312,9 @@ def train_unlearnrec(cfg, data, device):
         encoder_state = encoder_ckpt["model"]
     base = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
     base.load_state_dict(base_ckpt["model"])
+    prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    on_interrupt(f"a pipeline starts over: run it again with --overwrite"
+                 + ("" if cfg.encoder else f" (once {cfg.out_dir}/encoder_pretrained.pt exists, reuse it with --encoder)"))
 
     def fit_in(data_i, model, loss_fn, embed, name, epochs, seed):
         return fit(replace(cfg, seed=seed, eval_every=epochs), data_i, model, loss_fn, embed,
@@ -366,41 +362,25 @@ def train_unlearnrec(cfg, data, device):
                {"steps": out["steps"], "times": times, "config": asdict(cfg)})
 
 
+def resumed(cfg, argv):
+    """--resume: the run's saved settings, with the flags of RESUMABLE given on top (the run continues exactly)."""
+    if cfg.overwrite:
+        raise UserError(f"--resume continues the run in {cfg.out_dir}, --overwrite replaces it: pick one")
+    path = os.path.join(cfg.out_dir, "ckpt_last.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--resume but {path} does not exist (only a --method=lightgcn run has one); drop --resume "
+                        f"or fix --out_dir")
+    return resumed_config(RecConfig, load_checkpoint(path)["config"], argv, RESUMABLE)
+
+
 def main():
-    cfg = parse_flags(RecConfig, sys.argv[1:])
-    if cfg.dataset != "ml-latest-small" and cfg.dataset not in TEXT_DATASETS:
-        raise UserError(f"unknown --dataset={cfg.dataset}; use ml-latest-small or one of {', '.join(TEXT_DATASETS)}")
-    if cfg.method not in ("lightgcn", "lightgnn", "unlearnrec"):
-        raise UserError(f"unknown --method={cfg.method}; use lightgcn, lightgnn or unlearnrec")
-    if cfg.method == "unlearnrec" and not (cfg.base and cfg.forget):
-        raise UserError("--method=unlearnrec needs --base=<checkpoint of a trained lightgcn> and "
-                        "--forget=<file of `user item` lines>|<fraction of training edges>|adversarial")
-    if not 0 < cfg.pre_frac < 1 or cfg.redraw_every < 1 or cfg.finetune_epochs < 1 or cfg.pre_epochs < 0:
-        raise UserError("--pre_frac must be in (0, 1), --redraw_every and --finetune_epochs >= 1, --pre_epochs >= 0")
-    if cfg.sequence < 1 or cfg.enc_layers < 0:
-        raise UserError("--sequence must be >= 1 and --enc_layers >= 0")
-    if cfg.sequence > 1 and not cfg.forget.replace(".", "", 1).replace("e-", "", 1).isdigit():
-        raise UserError(f"--sequence={cfg.sequence} needs --forget=<fraction>: a file or `adversarial` is one request")
-    if cfg.model not in ("lightgcn", "mf"):
-        raise UserError(f"unknown --model={cfg.model}; use lightgcn or mf")
+    argv = sys.argv[1:]
+    cfg = parse_flags(RecConfig, argv)
+    check_flags(cfg)
+    if cfg.resume:
+        cfg = resumed(cfg, argv)
     if cfg.model == "mf":
         cfg = replace(cfg, n_layers=0)              # matrix factorisation = LightGCN without propagation
-    if not (0 <= cfg.rho < 1 and 0 <= cfg.rho_emb < 1) or cfg.rounds < 0 or cfg.mid_topk < 0:
-        raise UserError("--rho and --rho_emb must be in [0, 1), --rounds and --mid_topk >= 0")
-    if cfg.prune not in ("learned", "random"):
-        raise UserError(f"--prune={cfg.prune} must be learned or random")
-    if cfg.combine not in ("mean", "sum"):
-        raise UserError(f"--combine={cfg.combine} must be mean or sum")
-    for k in ("dim", "batch_size", "epochs", "topk", "eval_every", "patience", "eval_batch", "teacher_layers",
-              "mid_layers", "mid_epochs", "student_layers", "round_epochs", "kd_nodes", "kd_triples", "align_pairs"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"--{k}={getattr(cfg, k)} must be >= 1")
-    if cfg.n_layers < 0 or not (0 <= cfg.val_frac < 1 and 0 <= cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
-        raise UserError("--n_layers must be >= 0, and --val_frac, --test_frac >= 0 with val_frac + test_frac < 1")
-    if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
-        raise UserError(f"--resume but {cfg.out_dir}/ckpt_last.pt does not exist; drop --resume or fix --out_dir")
-    if not 0 < cfg.graph_edges <= 1:
-        raise UserError(f"--graph_edges={cfg.graph_edges} must be in (0, 1]")
     device = pick_device(cfg.device)
     data = load_data(cfg)
     if len(data.val) == 0:
