@@ -138,3 +138,12 @@ def check_base(cfg, base):
         if mine != default(cfg, k) and k in base and mine != base[k]:
             raise UserError(f"--{k}={mine} has no effect with --method=unlearnrec: the model and its retraining "
                             f"take the --base run's {k}={base[k]!r}; drop --{k} (or train another --base)")
+
+
+def check_inputs_kept(cfg):
+    """--overwrite empties --out_dir of its run files: a saved model this run reads must not be one of them."""
+    out = os.path.join(os.path.abspath(cfg.out_dir), "")
+    for k in ("teacher", "intermediate", "base", "encoder"):
+        if cfg.overwrite and getattr(cfg, k) and os.path.abspath(getattr(cfg, k)).startswith(out):
+            raise UserError(f"--overwrite would delete --{k}={getattr(cfg, k)}, which is inside --out_dir={cfg.out_dir}: "
+                            f"pass another --out_dir")

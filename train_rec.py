@@ -25,7 +25,7 @@ from common import (UserError, append_jsonl, check_same, fmt_seconds, load_check
                     pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic, write_json)
 from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate
 import lightgnn
-from rec_common import BASE_KEYS, DATA_KEYS, check_base, check_flags, load_data
+from rec_common import BASE_KEYS, DATA_KEYS, check_base, check_flags, check_inputs_kept, load_data
 from unlearnrec import forget_fraction, read_requests, unlearn_pipeline
 
 MODEL_KEYS = DATA_KEYS + ("dim", "n_layers", "combine", "self_loops", "graph_edges", "method")
@@ -377,6 +377,7 @@ def main():
     argv = sys.argv[1:]
     cfg = parse_flags(RecConfig, argv)
     check_flags(cfg)
+    check_inputs_kept(cfg)
     if cfg.resume:
         cfg = resumed(cfg, argv)
     if cfg.model == "mf":

@@ -206,6 +206,8 @@ def test_out_dir_holding_a_run_is_kept_unless_resume_or_overwrite(data_dir):
         one_line_error(run(data_dir, f"--out_dir={out}", *args), "already holds a run", "--resume", "--overwrite")
     assert (out / "ckpt_best.pt").read_bytes() == best and len(losses(out)) == 4          # nothing touched
     one_line_error(run(data_dir, f"--out_dir={out}", "--resume", "--overwrite"), "pick one")
+    one_line_error(run(data_dir, f"--out_dir={out}", "--method=lightgnn", f"--teacher={out}/ckpt_best.pt", "--rounds=0",
+                       "--overwrite"), f"--overwrite would delete --teacher={out}/ckpt_best.pt")
     r = run(data_dir, f"--out_dir={out}", "--epochs=2", "--overwrite")
     assert r.returncode == 0, r.stderr
     assert len(losses(out)) == 2 and json.load(open(out / "summary.json"))["epochs_run"] == 2
