@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightgcn import Graph, LearnableAdjacency, LightGCN, bpr_loss
+from lightgcn import Graph, LearnableAdjacency, LightGCN, Stage, bpr_loss
 
 # the official schedule of the subspace term's `loosen` (index = pruning round; 0 after the list)
 LOOSEN = (0, 0, 0, 2, 3, 4, 4, 3, 1)
@@ -353,8 +353,8 @@ def run(data, hp, fit, report, device="cpu", teacher=None, mid_state=None):
 
     data: n_users, n_items, train (E, 2). hp: the settings (train_rec's RecConfig: teacher_layers, mid_layers,
     mid_topk, student_layers, rounds, rho, rho_emb, prune, beta1, beta2, kd_*, uni*, sub, dim, decay, epochs,
-    mid_epochs, round_epochs, seed). fit(stage, model, loss_fn, embed, epochs, after_step) trains `model` with
-    loss_fn(u, i, j), leaves it at its best-validation state and returns its training seconds. report(stage,
+    mid_epochs, round_epochs, seed). fit(lightgcn.Stage) -> state: the training loop, which leaves the stage's
+    model at its best-validation epoch. report(stage,
     E_user, E_item, seconds, edges_kept, entries_kept, cost) records a row. teacher: an optional trained
     (LightGCN, its Â, seconds); mid_state: an optional saved intermediate (state_dict, seconds)."""
     n_users, n_items = data.n_users, data.n_items
@@ -371,7 +371,8 @@ def run(data, hp, fit, report, device="cpu", teacher=None, mid_state=None):
         def bpr(u, i, j):
             return sum(bpr_loss(*model(A_t), *model.E0.split([n_users, n_items]), u, i, j, hp.decay))
 
-        teacher = (model, A_t, fit("teacher", model, bpr, lambda: model(A_t), hp.epochs, None))
+        # trained on L_BPR + L2, the best-validation epoch kept
+        teacher = (model, A_t, fit(Stage("teacher", model, bpr, lambda: model(A_t), data, hp.epochs))["train_seconds"])
     model_t, A_t, t_seconds = teacher
     model_t.requires_grad_(False)
     T = model_t(A_t)
@@ -386,7 +387,8 @@ def run(data, hp, fit, report, device="cpu", teacher=None, mid_state=None):
             triples = [torch.randint(n, (hp.kd_triples,), generator=gen).to(device)
                        for n in (n_users, n_items, n_items)]
             return distill_loss(model, E_user, E_item, tutor, tutor_high, u, i, j, triples, w, hp.decay, gen, rnd)
-        return fit(stage, model, loss_fn, model, epochs, model.zero_pruned)
+        # trained on L (distill_loss), pruned entries kept at 0 after each step, the best-validation epoch kept
+        return fit(Stage(stage, model, loss_fn, model, data, epochs, after_step=model.zero_pruned))["train_seconds"]
 
     # intermediate: learnable weights on norm(I + A + A²), distilled from the teacher
     torch.manual_seed(hp.seed)

@@ -4,15 +4,18 @@ What train_rec.py keeps out of its loop, so that the script reads as flags -> da
 - the data: MovieLens latest-small (downloaded, or a local copy of its zip) or a data set in LightGCN's text
   format (train.txt, test.txt, optional val.txt) in <data_dir>/<dataset>/;
 - the flag checks: every impossible setting, and every flag that has no effect under the chosen --method /
-  --model / --dataset, is one clear error naming the flag that would make it count, before any work.
+  --model / --dataset, is one clear error naming the flag that would make it count, before any work;
+- the saved models a pipeline reuses (--teacher, --intermediate), checked against this run.
 
 Every function takes the script's config (train_rec.RecConfig) or the fields it names.
 """
 import dataclasses
 import os
+from dataclasses import asdict
 
-from common import UserError, download, refuse_unused
-from lightgcn import DataError, load_lightgcn_dir, load_movielens_zip
+from common import UserError, check_same, download, load_checkpoint, refuse_unused
+from lightgcn import DataError, Graph, LightGCN, load_lightgcn_dir, load_movielens_zip
+from unlearnrec import forget_fraction, read_requests
 
 ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
 ML_SMALL_SHA256 = "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436"
@@ -147,3 +150,39 @@ def check_inputs_kept(cfg):
         if cfg.overwrite and getattr(cfg, k) and os.path.abspath(getattr(cfg, k)).startswith(out):
             raise UserError(f"--overwrite would delete --{k}={getattr(cfg, k)}, which is inside --out_dir={cfg.out_dir}: "
                             f"pass another --out_dir")
+
+
+def check_requests(cfg, data):
+    """--forget: a fraction in (0, 1), adversarial, or a file of training edges (checked before out_dir is claimed)."""
+    try:
+        if forget_fraction(cfg.forget) is None and cfg.forget != "adversarial":
+            read_requests(cfg.forget, data.train, data.n_users, data.n_items)
+    except DataError as e:
+        raise UserError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- saved stages
+
+def saved_teacher(cfg, data, device):
+    """--teacher: a plain train_rec run (its n_layers, self_loops) or the teacher stage of a lightgnn run, as
+    (LightGCN, its Â, training seconds); None without --teacher."""
+    if not cfg.teacher:
+        return None
+    ckpt = load_checkpoint(cfg.teacher, device)
+    check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim",), cfg.teacher)
+    c = ckpt["config"]
+    layers, combine, loops = ((c["teacher_layers"], "sum", True) if c["method"] == "lightgnn"
+                              else (c["n_layers"], c["combine"], c["self_loops"]))
+    model = LightGCN(data.n_users, data.n_items, cfg.dim, layers, combine).to(device)
+    model.load_state_dict(ckpt["model"])
+    A_t = Graph(data.n_users, data.n_items, data.train, loops).normalized().to(device)
+    return model, A_t, ckpt["state"].get("train_seconds", float("nan"))
+
+
+def saved_intermediate(cfg, device):
+    """--intermediate: (its state_dict, training seconds); None without it."""
+    if not cfg.intermediate:
+        return None
+    ckpt = load_checkpoint(cfg.intermediate, device)
+    check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim", "mid_layers", "mid_topk"), cfg.intermediate)
+    return ckpt["model"], ckpt["state"].get("train_seconds", float("nan"))

@@ -3,14 +3,15 @@ Train a graph recommender (lightgcn.py) with BPR and full-ranking evaluation, an
 
     python train_rec.py                                          # LightGCN on MovieLens latest-small, a few minutes
     python train_rec.py --dataset=ml-1m --data_dir=DIR           # DIR/ml-1m/train.txt, test.txt
+    python train_rec.py --out_dir=out-rec --resume               # continue an interrupted run, exactly, on its settings
     python train_rec.py --method=lightgnn ...                    # teacher -> intermediate -> pruned student
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 ...   # unlearnrec.py
 
-Early stopping and the reported checkpoint are chosen on the VALIDATION split (Recall@topk); the test split is
-evaluated once, at the end, with the best-validation checkpoint. Data sets without a validation file get one
-drawn per user from their training interactions.
-
-Every flag is a field of RecConfig below, written --key=value.
+One loop trains everything: `fit(cfg, stage, out_dir)` runs a lightgcn.Stage (a model, the loss it minimises,
+how it is selected). The paper files build their stages and call it. Early stopping and the reported checkpoint
+are chosen on the VALIDATION split (Recall@topk); the test split is evaluated once, at the end, with the selected
+checkpoint. Data sets without a validation file get one drawn per user from their training interactions.
+Data and flag checks live in rec_common.py. Every flag is a field of RecConfig below, written --key=value.
 """
 import json
 import os
@@ -23,10 +24,11 @@ import torch
 
 from common import (UserError, append_jsonl, check_same, fmt_seconds, load_checkpoint, on_interrupt, parse_flags,
                     pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic, write_json)
-from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate
+from lightgcn import DataError, Graph, LightGCN, NegativeSampler, Stage, bpr_loss, evaluate
 import lightgnn
-from rec_common import BASE_KEYS, DATA_KEYS, check_base, check_flags, check_inputs_kept, load_data
-from unlearnrec import forget_fraction, read_requests, unlearn_pipeline
+from rec_common import (BASE_KEYS, DATA_KEYS, check_base, check_flags, check_inputs_kept, check_requests, load_data,
+                        saved_intermediate, saved_teacher)
+from unlearnrec import timings, unlearn_pipeline
 
 MODEL_KEYS = DATA_KEYS + ("dim", "n_layers", "combine", "self_loops", "graph_edges", "method")
 # what --resume lets a command line change: where files are, the device, and how long it trains
@@ -113,20 +115,39 @@ class RecConfig:
     resume: bool = False                # continue out_dir/ckpt_last.pt (--method=lightgcn) with its saved settings
 
 
-def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resume=False):
-    """The BPR loop every method shares: each epoch visits data.train once in a random order, each pair with a
-    sampled negative; loss_fn(u, i, j) -> scalar; Adam on model's parameters (after_step() after each step);
-    embed() -> (E_user, E_item) for validation Recall every eval_every epochs; atomic best / last checkpoints of
-    `model` in out_dir; early stopping on validation.
-    Leaves `model` at its best-validation state and returns the run's state dict."""
+# ----------------------------------------------------------------------------- the loop
+
+def train_epoch(cfg, stage, optimizer, sampler, gen, device):
+    """One pass over stage.data.train in a random order, each pair with a sampled negative. Returns the mean loss."""
+    pairs = torch.from_numpy(stage.data.train)
+    perm = torch.randperm(len(pairs), generator=gen)
+    total = 0.0
+    for s in range(0, len(perm), cfg.batch_size):
+        u, i = pairs[perm[s:s + cfg.batch_size]].T
+        j = sampler(u, gen)
+        loss = stage.loss(u.to(device), i.to(device), j.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if stage.after_step is not None:
+            stage.after_step()
+        total += loss.item() * len(u)
+    return total / len(perm)
+
+
+def fit(cfg, stage, out_dir, resume=False):
+    """Train a lightgcn.Stage: Adam, validation Recall of stage.embed() every eval_every epochs (select="last":
+    once, at the end), atomic best / last checkpoints of stage.model in out_dir, early stopping. Leaves the model
+    at its selected (best-validation) state and returns the run's state dict."""
+    cfg = replace(cfg, seed=cfg.seed if stage.seed is None else stage.seed,
+                  eval_every=stage.epochs if stage.select == "last" else cfg.eval_every)
+    model, data, epochs = stage.model, stage.data, stage.epochs
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sampler = NegativeSampler(data.train, data.n_items)
-    train_pairs = torch.from_numpy(data.train)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler, gen = NegativeSampler(data.train, data.n_items), torch.Generator().manual_seed(cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
-    last_path, best_path = (os.path.join(out_dir, f"ckpt_{n}.pt") for n in ("last", "best"))
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    last_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ("ckpt_last.pt", "ckpt_best.pt",
+                                                                             "metrics.jsonl"))
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0}
     if resume:
         ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
@@ -139,40 +160,23 @@ def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resu
             f.writelines(kept)
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
-
-    def checkpoint(path):
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": gen.get_state(),
-                     "state": state, "config": asdict(cfg)}, path)
-
     key = f"recall@{cfg.topk}"
     while state["epoch"] < epochs and state["bad_evals"] < cfg.patience:
         t0 = time.time()
-        perm = torch.randperm(len(train_pairs), generator=gen)
-        total = 0.0
-        for s in range(0, len(perm), cfg.batch_size):
-            u, i = train_pairs[perm[s:s + cfg.batch_size]].T
-            j = sampler(u, gen)
-            loss = loss_fn(u.to(device), i.to(device), j.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            total += loss.item() * len(u)
+        loss = train_epoch(cfg, stage, optimizer, sampler, gen, device)
         state["epoch"] += 1
         dt = time.time() - t0
         state["train_seconds"] += dt
-        loss = total / len(perm)
-        if not torch.isfinite(torch.tensor(loss)):
+        if not np.isfinite(loss):
             raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last good checkpoint is kept. "
                             f"Lower --lr")
-        record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": len(perm) / dt}
-        line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {len(perm) / dt:,.0f} triples/s"
+        n = len(data.train)
+        record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": n / dt}
+        line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {n / dt:,.0f} triples/s"
         saves = []
         if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == epochs:
             with torch.no_grad():
-                E_user, E_item = embed()
-            val = evaluate(E_user, E_item, data.val, [data.train], cfg.topk, cfg.eval_batch)
+                val = evaluate(*stage.embed(), data.val, [data.train], cfg.topk, cfg.eval_batch)
             record.update({f"val_{k}": v for k, v in val.items()})
             line += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
             if val[key] > state["best_val"]:
@@ -185,7 +189,8 @@ def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resu
         print(line)
         append_jsonl(metrics_path, record)      # before the checkpoints: --resume drops what comes after its own
         for path in saves:
-            checkpoint(path)
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": gen.get_state(),
+                         "state": state, "config": asdict(cfg)}, path)
     if not os.path.exists(best_path):
         raise UserError(f"no evaluation happened (epochs={epochs} < eval_every={cfg.eval_every}); "
                         f"lower --eval_every")
@@ -206,6 +211,8 @@ def metrics_line(val, test):
             + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
 
 
+# ----------------------------------------------------------------------------- the methods
+
 def graph_edges(cfg, data):
     """The interactions the propagation graph is built from: all, or a seeded random --graph_edges share."""
     if cfg.graph_edges >= 1:
@@ -216,18 +223,15 @@ def graph_edges(cfg, data):
 
 
 def train_lightgcn(cfg, data, device, out_dir, resume=False):
-    """Plain LightGCN + BPR. Returns (model, A_hat, fit state)."""
+    """Plain LightGCN + BPR (L_BPR + L2), selected on validation. Returns (model, A_hat, fit state)."""
     torch.manual_seed(cfg.seed)
     A_hat = Graph(data.n_users, data.n_items, graph_edges(cfg, data), cfg.self_loops).normalized().to(device)
     model = LightGCN(data.n_users, data.n_items, cfg.dim, cfg.n_layers, cfg.combine).to(device)
 
-    def loss_fn(u, i, j):
-        E_user, E_item = model(A_hat)
-        E0_user, E0_item = model.E0.split([data.n_users, data.n_items])
-        bpr, l2 = bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, cfg.decay)
-        return bpr + l2
+    def loss(u, i, j):
+        return sum(bpr_loss(*model(A_hat), *model.E0.split([data.n_users, data.n_items]), u, i, j, cfg.decay))
 
-    state = fit(cfg, data, model, loss_fn, lambda: model(A_hat), out_dir, cfg.epochs, resume=resume)
+    state = fit(cfg, Stage("lightgcn", model, loss, lambda: model(A_hat), data, cfg.epochs), out_dir, resume)
     return model, A_hat, state
 
 
@@ -238,8 +242,7 @@ def train(cfg, data, device):
     on_interrupt(lambda: f"continue with: python train_rec.py --out_dir={cfg.out_dir} --resume"
                  if os.path.exists(last) else "")
     model, A_hat, state = train_lightgcn(cfg, data, device, cfg.out_dir, cfg.resume)
-    with torch.no_grad():
-        val, test = report(cfg, data, *model(A_hat))
+    val, test = report(cfg, data, *model(A_hat))
     wall = time.time() - t_start
     print(f"best epoch {state['best_epoch']} | {metrics_line(val, test)} | {fmt_seconds(wall)} wall")
     write_json(os.path.join(cfg.out_dir, "summary.json"),
@@ -253,10 +256,6 @@ def train_lightgnn_pipeline(cfg, data, device):
     t_start = time.time()
     rows, reuse = [], {"teacher": cfg.teacher, "intermediate": cfg.intermediate}
 
-    def stage_fit(stage, model, loss_fn, embed, epochs, after_step):
-        return fit(cfg, data, model, loss_fn, embed, os.path.join(cfg.out_dir, stage), epochs, after_step)[
-            "train_seconds"]
-
     def row(name, E_user, E_item, seconds, edges_kept, entries_kept, cost):
         val, test = report(cfg, data, E_user, E_item)
         rows.append({"model": name, "edges_kept": edges_kept, "entries_kept": entries_kept, "cost": cost,
@@ -269,23 +268,9 @@ def train_lightgnn_pipeline(cfg, data, device):
             on_interrupt("start again in another --out_dir, reusing the finished stages: " + " ".join(
                 f"--{k}={v}" for k, v in reuse.items() if v))
 
-    teacher = mid_state = None
-    if cfg.teacher:   # a plain train_rec run (its n_layers, self_loops) or the teacher stage of a lightgnn run
-        ckpt = load_checkpoint(cfg.teacher, device)
-        check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim",), cfg.teacher)
-        c = ckpt["config"]
-        layers, combine, loops = ((c["teacher_layers"], "sum", True) if c["method"] == "lightgnn"
-                                  else (c["n_layers"], c["combine"], c["self_loops"]))
-        model = LightGCN(data.n_users, data.n_items, cfg.dim, layers, combine).to(device)
-        model.load_state_dict(ckpt["model"])
-        A_t = Graph(data.n_users, data.n_items, data.train, loops).normalized().to(device)
-        teacher = (model, A_t, ckpt["state"].get("train_seconds", float("nan")))
-    if cfg.intermediate:
-        ckpt = load_checkpoint(cfg.intermediate, device)
-        check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim", "mid_layers", "mid_topk"), cfg.intermediate)
-        mid_state = (ckpt["model"], ckpt["state"].get("train_seconds", float("nan")))
+    teacher, mid_state = saved_teacher(cfg, data, device), saved_intermediate(cfg, device)
     prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    lightgnn.run(data, cfg, stage_fit, row, device, teacher, mid_state)
+    lightgnn.run(data, cfg, lambda s: fit(cfg, s, os.path.join(cfg.out_dir, s.name)), row, device, teacher, mid_state)
     print(f"lightgnn pipeline done in {fmt_seconds(time.time() - t_start)}; table in {cfg.out_dir}/summary.json")
 
 
@@ -297,11 +282,7 @@ def train_unlearnrec(cfg, data, device):
     check_same(base_ckpt["config"], asdict(cfg), DATA_KEYS, cfg.base)
     b = base_ckpt["config"]
     check_base(cfg, b)
-    try:                                                    # the request is checked before out_dir is claimed
-        if forget_fraction(cfg.forget) is None and cfg.forget != "adversarial":
-            read_requests(cfg.forget, data.train, data.n_users, data.n_items)
-    except DataError as e:
-        raise UserError(str(e)) from None
+    check_requests(cfg, data)
     base_cfg = replace(cfg, method="lightgcn", **{k: b[k] for k in BASE_KEYS if k in b})
     # an encoder is pre-trained for one original model: the base, or the model poisoned from it
     pretrained_on = cfg.base + (" (poisoned)" if cfg.forget == "adversarial" else "")
@@ -316,10 +297,6 @@ def train_unlearnrec(cfg, data, device):
     on_interrupt(f"a pipeline starts over: run it again with --overwrite"
                  + ("" if cfg.encoder else f" (once {cfg.out_dir}/encoder_pretrained.pt exists, reuse it with --encoder)"))
 
-    def fit_in(data_i, model, loss_fn, embed, name, epochs, seed):
-        return fit(replace(cfg, seed=seed, eval_every=epochs), data_i, model, loss_fn, embed,
-                   os.path.join(cfg.out_dir, name), epochs)
-
     def train_base(data_i, name):
         model, _, state = train_lightgcn(base_cfg, data_i, device, os.path.join(cfg.out_dir, name))
         return model, state["train_seconds"]
@@ -329,8 +306,9 @@ def train_unlearnrec(cfg, data, device):
         return {"val": val, "test": test}
 
     try:
-        out = unlearn_pipeline(cfg, data, base, base_ckpt["state"]["train_seconds"], base_cfg.self_loops, fit_in,
-                               train_base, report_rows, encoder_state)
+        out = unlearn_pipeline(cfg, data, base, base_ckpt["state"]["train_seconds"], base_cfg.self_loops,
+                               lambda s: fit(cfg, s, os.path.join(cfg.out_dir, s.name)), train_base, report_rows,
+                               encoder_state)
     except DataError as e:
         raise UserError(str(e)) from None
     if not cfg.encoder:
@@ -340,18 +318,7 @@ def train_unlearnrec(cfg, data, device):
     save_atomic({"encoder": out["encoder"], "E_user": U_user, "E_item": U_item,
                  "requests": torch.from_numpy(out["requests"]), "config": asdict(cfg)},
                 os.path.join(cfg.out_dir, "unlearned.pt"))
-    # time: fine-tuning alone, and with the pre-training shared by the sequence of requests
-    K, pre = cfg.sequence, out["pretrain_seconds"]
-    total = {name: sum(r["seconds"] for s in out["steps"] for r in s["rows"] if r["model"] == name)
-             for name in ("unlearnrec", "fine-tune-only", "retrained")}
-    times = {"pretrain_seconds": pre, "per_request": {n: t / K for n, t in total.items()},
-             "unlearnrec_amortised": (pre + total["unlearnrec"]) / K}
-    if cfg.retrain:
-        times["speedup_finetune"] = total["retrained"] / total["unlearnrec"]
-        times["speedup_amortised"] = total["retrained"] / (pre + total["unlearnrec"])
-        print(f"{K} request(s): retraining {fmt_seconds(total['retrained'])} vs UnlearnRec "
-              f"{fmt_seconds(total['unlearnrec'])} fine-tuning ({times['speedup_finetune']:.1f}x), "
-              f"{fmt_seconds(pre + total['unlearnrec'])} with pre-training ({times['speedup_amortised']:.1f}x)")
+    times = timings(out, cfg.sequence, cfg.retrain)
     # the score samples of each step and model go to scores.npz (plot.py unlearning), the rest to summary.json
     samples = {f"{k + 1}/{r['model']}/{kind}": s for k, step in enumerate(out["steps"]) for r in step["rows"]
                for kind, s in r.pop("scores").items()}
@@ -361,6 +328,8 @@ def train_unlearnrec(cfg, data, device):
     write_json(os.path.join(cfg.out_dir, "summary.json"),
                {"steps": out["steps"], "times": times, "config": asdict(cfg)})
 
+
+# ----------------------------------------------------------------------------- flags
 
 def resumed(cfg, argv):
     """--resume: the run's saved settings, with the flags of RESUMABLE given on top (the run continues exactly)."""

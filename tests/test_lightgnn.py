@@ -259,18 +259,18 @@ def test_pipeline_with_a_stub_fit():
                          kd_emb_tau=0.1, uni=1.0, uni_tau=1.0, sub=1e-4, kd_nodes=16, kd_triples=50)
     stages, rows = [], []
 
-    def fit(stage, model, loss_fn, embed, epochs, after_step):
+    def fit(stage):
         """One epoch of Adam over the training pairs, one batch, a negative per pair (may hit a positive)."""
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        u, i = torch.from_numpy(train).T
-        loss = loss_fn(u, i, torch.randint(n_items, u.shape))
+        opt = torch.optim.Adam(stage.model.parameters(), lr=1e-2)
+        u, i = torch.from_numpy(stage.data.train).T
+        loss = stage.loss(u, i, torch.randint(n_items, u.shape))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if after_step is not None:
-            after_step()
-        stages.append((stage, epochs, loss.item()))
-        return 1.0
+        if stage.after_step is not None:
+            stage.after_step()
+        stages.append((stage.name, stage.epochs, loss.item()))
+        return {"train_seconds": 1.0}
 
     def report(name, E_user, E_item, seconds, edges, entries, cost):
         assert E_user.shape == (n_users, 8) and E_item.shape == (n_items, 8)
