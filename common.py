@@ -13,6 +13,7 @@ import sys
 import tempfile
 import urllib.request
 
+import numpy as np
 import torch
 
 
@@ -257,6 +258,21 @@ def check_same(saved, current, keys, path):
     if diff:
         raise UserError(f"checkpoint {path} was made with another config ({'; '.join(diff)}); "
                         f"pass the same flags or use another --out_dir")
+
+
+def drop_records_after(path, key, last):
+    """Keep the JSONL records of path with record[key] <= last: a resumed run logs the later ones again."""
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)[key] <= last]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def save_npz_atomic(path, arrays):
+    """np.savez of a dict of arrays to a temp file, then rename."""
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
 
 
 def append_jsonl(path, record):

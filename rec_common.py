@@ -5,13 +5,13 @@ What train_rec.py keeps out of its loop, so that the script reads as flags -> da
   format (train.txt, test.txt, optional val.txt) in <data_dir>/<dataset>/;
 - the flag checks: every impossible setting, and every flag that has no effect under the chosen --method /
   --model / --dataset, is one clear error naming the flag that would make it count, before any work;
-- the saved models a pipeline reuses (--teacher, --intermediate), checked against this run.
+- the saved models a pipeline reads (--teacher, --intermediate, --base, --encoder), checked against this run.
 
 Every function takes the script's config (train_rec.RecConfig) or the fields it names.
 """
 import dataclasses
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from common import UserError, check_same, download, load_checkpoint, refuse_unused
 from lightgcn import DataError, Graph, LightGCN, load_lightgcn_dir, load_movielens_zip
@@ -186,3 +186,24 @@ def saved_intermediate(cfg, device):
     ckpt = load_checkpoint(cfg.intermediate, device)
     check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim", "mid_layers", "mid_topk"), cfg.intermediate)
     return ckpt["model"], ckpt["state"].get("train_seconds", float("nan"))
+
+
+def saved_base(cfg, data, device):
+    """--base of --method=unlearnrec: (the LightGCN, the config its retraining uses: this run's with the base run's
+    model and training settings, its training seconds). The flags it overrides must not say otherwise."""
+    ckpt = load_checkpoint(cfg.base, device)
+    check_same(ckpt["config"], asdict(cfg), DATA_KEYS, cfg.base)
+    check_base(cfg, ckpt["config"])
+    base_cfg = replace(cfg, method="lightgcn", **{k: ckpt["config"][k] for k in BASE_KEYS if k in ckpt["config"]})
+    base = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
+    base.load_state_dict(ckpt["model"])
+    return base, base_cfg, ckpt["state"]["train_seconds"]
+
+
+def saved_encoder(cfg, device, pretrained_on):
+    """--encoder: a pre-trained influence encoder's state_dict, made for the same original model; None without it."""
+    if not cfg.encoder:
+        return None
+    ckpt = load_checkpoint(cfg.encoder, device)
+    check_same(ckpt, {"pretrained_on": pretrained_on}, ("pretrained_on",), cfg.encoder)
+    return ckpt["model"]

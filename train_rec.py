@@ -7,13 +7,11 @@ Train a graph recommender (lightgcn.py) with BPR and full-ranking evaluation, an
     python train_rec.py --method=lightgnn ...                    # teacher -> intermediate -> pruned student
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 ...   # unlearnrec.py
 
-One loop trains everything: `fit(cfg, stage, out_dir)` runs a lightgcn.Stage (a model, the loss it minimises,
-how it is selected). The paper files build their stages and call it. Early stopping and the reported checkpoint
-are chosen on the VALIDATION split (Recall@topk); the test split is evaluated once, at the end, with the selected
-checkpoint. Data sets without a validation file get one drawn per user from their training interactions.
-Data and flag checks live in rec_common.py. Every flag is a field of RecConfig below, written --key=value.
+One loop trains everything: fit(cfg, stage, out_dir) runs a lightgcn.Stage (a model, the loss it minimises, how
+it is selected), built here or by the paper files. Early stopping and the reported checkpoint are chosen on the
+VALIDATION split (Recall@topk); the test split is evaluated once, at the end, with the selected checkpoint. Data
+and flag checks live in rec_common.py. Every flag is a field of RecConfig below, written --key=value.
 """
-import json
 import os
 import sys
 import time
@@ -22,11 +20,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from common import (UserError, append_jsonl, check_same, fmt_seconds, load_checkpoint, on_interrupt, parse_flags,
-                    pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic, write_json)
-from lightgcn import DataError, Graph, LightGCN, NegativeSampler, Stage, bpr_loss, evaluate
+from common import (UserError, append_jsonl, drop_records_after, fmt_seconds, load_checkpoint, on_interrupt,
+                    parse_flags, pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic,
+                    save_npz_atomic, write_json)
+from lightgcn import Graph, LightGCN, NegativeSampler, Stage, bpr_loss, evaluate
 import lightgnn
-from rec_common import (BASE_KEYS, DATA_KEYS, check_base, check_flags, check_inputs_kept, check_requests, load_data,
+from rec_common import (DATA_KEYS, check_flags, check_inputs_kept, check_requests, load_data, saved_base, saved_encoder,
                         saved_intermediate, saved_teacher)
 from unlearnrec import timings, unlearn_pipeline
 
@@ -146,18 +145,14 @@ def fit(cfg, stage, out_dir, resume=False):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler, gen = NegativeSampler(data.train, data.n_items), torch.Generator().manual_seed(cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
-    last_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ("ckpt_last.pt", "ckpt_best.pt",
-                                                                             "metrics.jsonl"))
+    last_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl"))
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0}
     if resume:
         ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
         gen.set_state(ckpt["rng"])
         state = ckpt["state"]
         print(f"resuming from {last_path} after epoch {state['epoch']}")
-        with open(metrics_path) as f:      # the epochs logged after the checkpoint run again
-            kept = [line for line in f if json.loads(line)["epoch"] <= state["epoch"]]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
+        drop_records_after(metrics_path, "epoch", state["epoch"])     # the epochs after the checkpoint run again
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
     key = f"recall@{cfg.topk}"
@@ -168,8 +163,7 @@ def fit(cfg, stage, out_dir, resume=False):
         dt = time.time() - t0
         state["train_seconds"] += dt
         if not np.isfinite(loss):
-            raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last good checkpoint is kept. "
-                            f"Lower --lr")
+            raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last good checkpoint is kept. Lower --lr")
         n = len(data.train)
         record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": n / dt}
         line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {n / dt:,.0f} triples/s"
@@ -196,6 +190,11 @@ def fit(cfg, stage, out_dir, resume=False):
                         f"lower --eval_every")
     model.load_state_dict(load_checkpoint(best_path, device)["model"])
     return state
+
+
+def stage_fit(cfg):
+    """The training loop a pipeline is given: fit, each stage in its own subfolder of out_dir."""
+    return lambda stage: fit(cfg, stage, os.path.join(cfg.out_dir, stage.name))
 
 
 @torch.no_grad()
@@ -270,7 +269,7 @@ def train_lightgnn_pipeline(cfg, data, device):
 
     teacher, mid_state = saved_teacher(cfg, data, device), saved_intermediate(cfg, device)
     prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    lightgnn.run(data, cfg, lambda s: fit(cfg, s, os.path.join(cfg.out_dir, s.name)), row, device, teacher, mid_state)
+    lightgnn.run(data, cfg, stage_fit(cfg), row, device, teacher, mid_state)
     print(f"lightgnn pipeline done in {fmt_seconds(time.time() - t_start)}; table in {cfg.out_dir}/summary.json")
 
 
@@ -278,21 +277,11 @@ def train_unlearnrec(cfg, data, device):
     """UnlearnRec: forget --forget from the --base model with the pipeline of unlearnrec.py (pre-training, requests,
     fine-tuning, the fine-tune-only baseline) given this script's training loop, and compare with retraining
     from scratch (the base run's own settings and stopping rule) without the request edges."""
-    base_ckpt = load_checkpoint(cfg.base, device)
-    check_same(base_ckpt["config"], asdict(cfg), DATA_KEYS, cfg.base)
-    b = base_ckpt["config"]
-    check_base(cfg, b)
+    base, base_cfg, base_seconds = saved_base(cfg, data, device)
     check_requests(cfg, data)
-    base_cfg = replace(cfg, method="lightgcn", **{k: b[k] for k in BASE_KEYS if k in b})
     # an encoder is pre-trained for one original model: the base, or the model poisoned from it
     pretrained_on = cfg.base + (" (poisoned)" if cfg.forget == "adversarial" else "")
-    encoder_state = None
-    if cfg.encoder:
-        encoder_ckpt = load_checkpoint(cfg.encoder, device)
-        check_same(encoder_ckpt, {"pretrained_on": pretrained_on}, ("pretrained_on",), cfg.encoder)
-        encoder_state = encoder_ckpt["model"]
-    base = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
-    base.load_state_dict(base_ckpt["model"])
+    encoder_state = saved_encoder(cfg, device, pretrained_on)
     prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     on_interrupt(f"a pipeline starts over: run it again with --overwrite"
                  + ("" if cfg.encoder else f" (once {cfg.out_dir}/encoder_pretrained.pt exists, reuse it with --encoder)"))
@@ -305,12 +294,8 @@ def train_unlearnrec(cfg, data, device):
         val, test = report(cfg, data_i, E_user, E_item)
         return {"val": val, "test": test}
 
-    try:
-        out = unlearn_pipeline(cfg, data, base, base_ckpt["state"]["train_seconds"], base_cfg.self_loops,
-                               lambda s: fit(cfg, s, os.path.join(cfg.out_dir, s.name)), train_base, report_rows,
-                               encoder_state)
-    except DataError as e:
-        raise UserError(str(e)) from None
+    out = unlearn_pipeline(cfg, data, base, base_seconds, base_cfg.self_loops, stage_fit(cfg), train_base,
+                           report_rows, encoder_state)          # (--forget was checked by check_requests)
     if not cfg.encoder:
         save_atomic({"model": out["encoder_pretrained"], "pretrained_on": pretrained_on, "config": asdict(cfg)},
                     os.path.join(cfg.out_dir, "encoder_pretrained.pt"))
@@ -322,9 +307,7 @@ def train_unlearnrec(cfg, data, device):
     # the score samples of each step and model go to scores.npz (plot.py unlearning), the rest to summary.json
     samples = {f"{k + 1}/{r['model']}/{kind}": s for k, step in enumerate(out["steps"]) for r in step["rows"]
                for kind, s in r.pop("scores").items()}
-    with open(os.path.join(cfg.out_dir, "scores.npz.tmp"), "wb") as f:
-        np.savez(f, **samples)
-    os.replace(os.path.join(cfg.out_dir, "scores.npz.tmp"), os.path.join(cfg.out_dir, "scores.npz"))
+    save_npz_atomic(os.path.join(cfg.out_dir, "scores.npz"), samples)
     write_json(os.path.join(cfg.out_dir, "summary.json"),
                {"steps": out["steps"], "times": times, "config": asdict(cfg)})
 
