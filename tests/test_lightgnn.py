@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lightgnn
 from lightgcn import Graph, bpr_loss
-from lightgnn import (PrunableLightGCN, augmented_graph, distill_loss, dot_logits, edge_scores, embedding_kd,
+from lightgnn import (KD, Batch, PrunableLightGCN, Tutor, augmented_graph, distill_loss, dot_logits, edge_scores, embedding_kd,
                       info_nce, prediction_kd, prune_round, sample_nodes, subspace_uniformity, uniformity)
 
 EDGES = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3]])  # 4 users, 4 items
@@ -142,7 +142,7 @@ def test_pruned_entries_stay_zero_after_optimizer_steps():
     u, i, j = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), torch.tensor([2, 3, 0])
     for _ in range(5):
         E_user, E_item = student()
-        loss = distill_loss(student, E_user, E_item, T, T, u, i, j, (u, j, i), w, 1e-4, rnd=3)
+        loss = distill_loss(student, E_user, E_item, Tutor(*T, *T), Batch(u, i, j, (u, j, i)), KD(**w, decay=1e-4), rnd=3)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,7 +166,8 @@ def test_kd_nodes_sample_both_positives_and_negatives():
     w = {"pred": 0.0, "tau": 1.0, "emb": 1.0, "emb_tau": 0.1, "uni": 1.0, "uni_tau": 1.0, "sub": 0.0, "kd_nodes": 32}
     E_user, E_item = model()
     u = torch.zeros(64, dtype=torch.long)
-    got = distill_loss(model, E_user, E_item, H, H, u, i, j, (u, i, j), w, 0.0, torch.Generator().manual_seed(5))
+    got = distill_loss(model, E_user, E_item, Tutor(*H, *H), Batch(u, i, j, (u, i, j)), KD(**w, decay=0.0),
+                       generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)
     users, items = sample_nodes(u, 32, gen), sample_nodes(torch.cat([i, j]), 32, gen)
     assert (items >= 64).any()
