@@ -113,8 +113,13 @@ def check_flags(cfg):
         (("resume",), cfg.method == "lightgcn", f"--method=lightgcn {method}: a pipeline starts over; reuse its "
                                                 f"finished stages in another --out_dir"),
         (("teacher", "intermediate", "mid_layers", "mid_topk", "mid_epochs", "student_layers", "rounds",
-          "round_epochs", "kd_pred", "kd_tau", "kd_emb", "kd_emb_tau", "uni", "uni_tau", "sub", "kd_nodes",
-          "kd_triples"), lightgnn, f"--method=lightgnn {method}"),
+          "round_epochs", "kd_pred", "kd_emb", "uni", "kd_nodes", "kd_triples"), lightgnn,
+         f"--method=lightgnn {method}"),
+        (("kd_tau",), lightgnn and cfg.kd_pred > 0, "--method=lightgnn and --kd_pred > 0"),
+        (("kd_emb_tau",), lightgnn and cfg.kd_emb > 0, "--method=lightgnn and --kd_emb > 0"),
+        (("sub",), lightgnn and cfg.rounds >= 2, "--method=lightgnn and --rounds >= 2 (it is on in rounds 2..13)"),
+        (("uni_tau",), lightgnn and (cfg.uni > 0 or cfg.sub > 0 and cfg.rounds >= 2),
+         "--method=lightgnn and --uni > 0 (or --sub > 0 with --rounds >= 2)"),
         (("teacher_layers",), lightgnn and not cfg.teacher, "--method=lightgnn without --teacher (a saved teacher "
                                                             "has its own layers)"),
         (("rho", "rho_emb", "prune"), lightgnn and cfg.rounds > 0, "--method=lightgnn and --rounds >= 1"),
@@ -148,8 +153,8 @@ def check_inputs_kept(cfg):
     out = os.path.join(os.path.abspath(cfg.out_dir), "")
     for k in ("teacher", "intermediate", "base", "encoder"):
         if cfg.overwrite and getattr(cfg, k) and os.path.abspath(getattr(cfg, k)).startswith(out):
-            raise UserError(f"--overwrite would delete --{k}={getattr(cfg, k)}, which is inside --out_dir={cfg.out_dir}: "
-                            f"pass another --out_dir")
+            raise UserError(f"--overwrite would delete --{k}={getattr(cfg, k)}, which is inside "
+                            f"--out_dir={cfg.out_dir}: pass another --out_dir")
 
 
 def check_requests(cfg, data):

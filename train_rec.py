@@ -145,7 +145,8 @@ def fit(cfg, stage, out_dir, resume=False):
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sampler, gen = NegativeSampler(data.train, data.n_items), torch.Generator().manual_seed(cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
-    last_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl"))
+    last_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ("ckpt_last.pt", "ckpt_best.pt",
+                                                                             "metrics.jsonl"))
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0}
     if resume:
         ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
@@ -163,7 +164,7 @@ def fit(cfg, stage, out_dir, resume=False):
         dt = time.time() - t0
         state["train_seconds"] += dt
         if not np.isfinite(loss):
-            raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last good checkpoint is kept. Lower --lr")
+            raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last checkpoint is kept; lower --lr")
         n = len(data.train)
         record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": n / dt}
         line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {n / dt:,.0f} triples/s"
@@ -283,8 +284,7 @@ def train_unlearnrec(cfg, data, device):
     pretrained_on = cfg.base + (" (poisoned)" if cfg.forget == "adversarial" else "")
     encoder_state = saved_encoder(cfg, device, pretrained_on)
     prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    on_interrupt(f"a pipeline starts over: run it again with --overwrite"
-                 + ("" if cfg.encoder else f" (once {cfg.out_dir}/encoder_pretrained.pt exists, reuse it with --encoder)"))
+    on_interrupt("a pipeline starts over: run it again with --overwrite")
 
     def train_base(data_i, name):
         model, _, state = train_lightgcn(base_cfg, data_i, device, os.path.join(cfg.out_dir, name))
