@@ -13,6 +13,7 @@ import sys
 import tempfile
 import urllib.request
 
+import numpy as np
 import torch
 
 
@@ -24,7 +25,8 @@ _interrupt_hint = ""
 
 
 def on_interrupt(hint):
-    """What run_main says after Ctrl-C, e.g. how to resume (set by a script once it knows its out_dir)."""
+    """What run_main says after Ctrl-C, e.g. how to resume (set by a script once it knows its out_dir): a string,
+    or a function returning one, called at the interrupt (to say what there is to resume from by then)."""
     global _interrupt_hint
     _interrupt_hint = hint
 
@@ -38,7 +40,8 @@ def run_main(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: nothing new was saved{'; ' + _interrupt_hint if _interrupt_hint else ''}",
+        hint = _interrupt_hint() if callable(_interrupt_hint) else _interrupt_hint
+        print(f"\ninterrupted: nothing new was saved{'; ' + hint if hint else ''}",
               file=sys.stderr)
         sys.exit(130)
 
@@ -87,7 +90,7 @@ def resumed_config(cls, saved, argv, may_change):
             if k in saved and saved[k] != getattr(now, k)]
     if diff:
         raise UserError(f"--resume continues the run exactly, so it keeps its settings: drop {', '.join(diff)}; "
-                        f"to change them, start a new run (another --out_dir, or --overwrite)")
+                        f"for another config, start a new run (another --out_dir, or --overwrite)")
     fields = {f.name for f in dataclasses.fields(cls)}
     fresh = {"resume": True, **({"overwrite": False} if "overwrite" in fields else {})}
     return cls(**{**{k: v for k, v in saved.items() if k in fields}, **{k: getattr(now, k) for k in given}, **fresh})
@@ -255,6 +258,21 @@ def check_same(saved, current, keys, path):
     if diff:
         raise UserError(f"checkpoint {path} was made with another config ({'; '.join(diff)}); "
                         f"pass the same flags or use another --out_dir")
+
+
+def drop_records_after(path, key, last):
+    """Keep the JSONL records of path with record[key] <= last: a resumed run logs the later ones again."""
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)[key] <= last]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def save_npz_atomic(path, arrays):
+    """np.savez of a dict of arrays to a temp file, then rename."""
+    with open(path + ".tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
 
 
 def append_jsonl(path, record):

@@ -322,6 +322,25 @@ def bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, decay):
     return bpr, decay * l2
 
 
+@dataclass
+class Stage:
+    """One training run of the recommender side, as the paper files hand it to a training loop `fit(stage)`
+    (train_rec.fit): Adam on model's parameters, minimising loss(u, i, j) on batches of (user, positive, sampled
+    negative) drawn from data.train, every pair once an epoch; after_step() after each step. The model is
+    SELECTED by validation Recall of embed() -> (E_user, E_item): select="best" evaluates every few epochs, stops
+    early and keeps the best-validation epoch; select="last" evaluates once, at the end, and keeps the last one.
+    fit returns the run's state ({"epoch", "best_epoch", "train_seconds", ...}), the model left at its selection."""
+    name: str                               # the run's label (train_rec: its folder in out_dir)
+    model: nn.Module
+    loss: object                            # loss(u, i, j) -> scalar
+    embed: object                           # embed() -> (E_user, E_item), what validation ranks
+    data: Interactions                      # train (the pairs of an epoch), val (the selection)
+    epochs: int
+    select: str = "best"                    # best | last
+    after_step: object = None               # e.g. keep pruned entries at 0
+    seed: int = None                        # the sampling seed; None = the script's --seed
+
+
 class NegativeSampler:
     """Uniform negatives that are never a training positive of the user, drawn for a whole batch at once:
     draw, find the draws that hit a positive (binary search in the sorted keys u·n_items + i), redraw those."""

@@ -3,14 +3,14 @@ Train a graph recommender (lightgcn.py) with BPR and full-ranking evaluation, an
 
     python train_rec.py                                          # LightGCN on MovieLens latest-small, a few minutes
     python train_rec.py --dataset=ml-1m --data_dir=DIR           # DIR/ml-1m/train.txt, test.txt
+    python train_rec.py --out_dir=out-rec --resume               # continue an interrupted run, exactly, on its settings
     python train_rec.py --method=lightgnn ...                    # teacher -> intermediate -> pruned student
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 ...   # unlearnrec.py
 
-Early stopping and the reported checkpoint are chosen on the VALIDATION split (Recall@topk); the test split is
-evaluated once, at the end, with the best-validation checkpoint. Data sets without a validation file get one
-drawn per user from their training interactions.
-
-Every flag is a field of RecConfig below, written --key=value.
+One loop trains everything: fit(cfg, stage, out_dir) runs a lightgcn.Stage (a model, the loss it minimises, how
+it is selected), built here or by the paper files. Early stopping and the reported checkpoint are chosen on the
+VALIDATION split (Recall@topk); the test split is evaluated once, at the end, with the selected checkpoint. Data
+and flag checks live in rec_common.py. Every flag is a field of RecConfig below, written --key=value.
 """
 import os
 import sys
@@ -20,25 +20,18 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from common import (UserError, append_jsonl, check_same, download, fmt_seconds, load_checkpoint, parse_flags,
-                    pick_device, resume_from, run_main, save_atomic, write_json)
-from lightgcn import DataError, Graph, LightGCN, NegativeSampler, bpr_loss, evaluate, load_lightgcn_dir, load_movielens_zip
+from common import (UserError, append_jsonl, drop_records_after, fmt_seconds, load_checkpoint, on_interrupt,
+                    parse_flags, pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic,
+                    save_npz_atomic, write_json)
+from lightgcn import Graph, LightGCN, NegativeSampler, Stage, bpr_loss, evaluate
 import lightgnn
-from unlearnrec import unlearn_pipeline
+from rec_common import (DATA_KEYS, check_flags, check_inputs_kept, check_requests, load_data, saved_base, saved_encoder,
+                        saved_intermediate, saved_teacher)
+from unlearnrec import timings, unlearn_pipeline
 
-ML_SMALL_URL = "https://files.grouplens.org/datasets/movielens/ml-latest-small.zip"
-ML_SMALL_SHA256 = "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436"
-TEXT_DATASETS = {  # LightGCN text format; where a copy can be found
-    "ml-1m": "the ML-1M split of the RecEraser / LightGNN / UnlearnRec papers",
-    "yelp-lightgnn": "HKUDS/LightGNN Datasets/sparse_yelp, converted to text",
-    "gowalla": "gusye1234/LightGCN-PyTorch data/gowalla",
-    "yelp2018": "gusye1234/LightGCN-PyTorch data/yelp2018",
-    "amazon-book": "gusye1234/LightGCN-PyTorch data/amazon-book",
-}
-DATA_KEYS = ("dataset", "min_rating", "val_frac", "test_frac", "seed")
-BASE_KEYS = ("model", "dim", "n_layers", "combine", "self_loops", "graph_edges", "lr", "decay", "batch_size",
-             "epochs", "eval_every", "patience")                # what a retraining copies from the base model's run
 MODEL_KEYS = DATA_KEYS + ("dim", "n_layers", "combine", "self_loops", "graph_edges", "method")
+# what --resume lets a command line change: where files are, the device, and how long it trains
+RESUMABLE = ("out_dir", "data_dir", "cache_dir", "device", "epochs")
 
 
 @dataclass
@@ -48,6 +41,7 @@ class RecConfig:
     data_dir: str = ""                  # folder holding <dataset>/train.txt ... (or ml-latest-small/ml-latest-small.zip)
     cache_dir: str = "~/.cache/nanopapers"
     out_dir: str = "out-rec"
+    overwrite: bool = False             # replace the run already in out_dir (without it, such a folder is refused)
     min_rating: float = 0.0             # MovieLens: ratings >= this are interactions (0 = every rating)
     val_frac: float = 0.1               # per-user validation share when the data set has no val.txt
     test_frac: float = 0.2              # per-user test share when the data set has no test.txt (MovieLens zip)
@@ -117,100 +111,91 @@ class RecConfig:
     # system
     device: str = "auto"
     seed: int = 2020                    # data split, initialisation and sampling
-    resume: bool = False                # continue from out_dir/ckpt_last.pt
+    resume: bool = False                # continue out_dir/ckpt_last.pt (--method=lightgcn) with its saved settings
 
 
-def load_data(cfg):
-    root = cfg.data_dir or os.path.expanduser(cfg.cache_dir)
-    folder = os.path.join(root, cfg.dataset)
-    try:
-        if cfg.dataset == "ml-latest-small":
-            path = os.path.join(folder, "ml-latest-small.zip")
-            if not os.path.exists(path):
-                if cfg.data_dir:
-                    raise UserError(f"--data_dir={cfg.data_dir} has no ml-latest-small/ml-latest-small.zip")
-                print(f"downloading MovieLens latest-small to {path}")
-                download(ML_SMALL_URL, path, ML_SMALL_SHA256)
-            return load_movielens_zip(path, cfg.min_rating, cfg.val_frac, cfg.test_frac, cfg.seed)
-        if not os.path.exists(os.path.join(folder, "train.txt")):
-            raise UserError(f"no {folder}/train.txt: put the LightGCN-format files of {cfg.dataset} "
-                            f"({TEXT_DATASETS[cfg.dataset]}) there, or pass --data_dir=DIR with DIR/{cfg.dataset}/")
-        return load_lightgcn_dir(folder, cfg.val_frac, cfg.seed)
-    except (DataError, FileNotFoundError) as e:
-        raise UserError(str(e)) from None
+# ----------------------------------------------------------------------------- the loop
+
+def train_epoch(cfg, stage, optimizer, sampler, gen, device):
+    """One pass over stage.data.train in a random order, each pair with a sampled negative. Returns the mean loss."""
+    pairs = torch.from_numpy(stage.data.train)
+    perm = torch.randperm(len(pairs), generator=gen)
+    total = 0.0
+    for s in range(0, len(perm), cfg.batch_size):
+        u, i = pairs[perm[s:s + cfg.batch_size]].T
+        j = sampler(u, gen)
+        loss = stage.loss(u.to(device), i.to(device), j.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if stage.after_step is not None:
+            stage.after_step()
+        total += loss.item() * len(u)
+    return total / len(perm)
 
 
-def fit(cfg, data, model, loss_fn, embed, out_dir, epochs, after_step=None, resume=False):
-    """The BPR loop every method shares: each epoch visits data.train once in a random order, each pair with a
-    sampled negative; loss_fn(u, i, j) -> scalar; Adam on model's parameters (after_step() after each step);
-    embed() -> (E_user, E_item) for validation Recall every eval_every epochs; atomic best / last checkpoints of
-    `model` in out_dir; early stopping on validation.
-    Leaves `model` at its best-validation state and returns the run's state dict."""
+def fit(cfg, stage, out_dir, resume=False):
+    """Train a lightgcn.Stage: Adam, validation Recall of stage.embed() every eval_every epochs (select="last":
+    once, at the end), atomic best / last checkpoints of stage.model in out_dir, early stopping. Leaves the model
+    at its selected (best-validation) state and returns the run's state dict."""
+    cfg = replace(cfg, seed=cfg.seed if stage.seed is None else stage.seed,
+                  eval_every=stage.epochs if stage.select == "last" else cfg.eval_every)
+    model, data, epochs = stage.model, stage.data, stage.epochs
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sampler = NegativeSampler(data.train, data.n_items)
-    train_pairs = torch.from_numpy(data.train)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler, gen = NegativeSampler(data.train, data.n_items), torch.Generator().manual_seed(cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
-    last_path, best_path = (os.path.join(out_dir, f"ckpt_{n}.pt") for n in ("last", "best"))
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    last_path, best_path, metrics_path = (os.path.join(out_dir, n) for n in ("ckpt_last.pt", "ckpt_best.pt",
+                                                                             "metrics.jsonl"))
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": 0, "bad_evals": 0, "train_seconds": 0.0}
     if resume:
         ckpt = resume_from(last_path, asdict(cfg), MODEL_KEYS, model, optimizer, device)
         gen.set_state(ckpt["rng"])
         state = ckpt["state"]
         print(f"resuming from {last_path} after epoch {state['epoch']}")
+        drop_records_after(metrics_path, "epoch", state["epoch"])     # the epochs after the checkpoint run again
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
-
-    def checkpoint(path):
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": gen.get_state(),
-                     "state": state, "config": asdict(cfg)}, path)
-
     key = f"recall@{cfg.topk}"
     while state["epoch"] < epochs and state["bad_evals"] < cfg.patience:
         t0 = time.time()
-        perm = torch.randperm(len(train_pairs), generator=gen)
-        total = 0.0
-        for s in range(0, len(perm), cfg.batch_size):
-            u, i = train_pairs[perm[s:s + cfg.batch_size]].T
-            j = sampler(u, gen)
-            loss = loss_fn(u.to(device), i.to(device), j.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            total += loss.item() * len(u)
+        loss = train_epoch(cfg, stage, optimizer, sampler, gen, device)
         state["epoch"] += 1
         dt = time.time() - t0
         state["train_seconds"] += dt
-        loss = total / len(perm)
-        if not torch.isfinite(torch.tensor(loss)):
-            raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last good checkpoint is kept. "
-                            f"Lower --lr")
-        record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": len(perm) / dt}
-        line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {len(perm) / dt:,.0f} triples/s"
+        if not np.isfinite(loss):
+            raise UserError(f"loss became {loss} in epoch {state['epoch']}; the last checkpoint is kept; lower --lr")
+        n = len(data.train)
+        record = {"epoch": state["epoch"], "loss": loss, "epoch_seconds": dt, "triples_per_second": n / dt}
+        line = f"epoch {state['epoch']} | loss {loss:.4f} | {dt:.2f} s | {n / dt:,.0f} triples/s"
+        saves = []
         if state["epoch"] % cfg.eval_every == 0 or state["epoch"] == epochs:
             with torch.no_grad():
-                E_user, E_item = embed()
-            val = evaluate(E_user, E_item, data.val, [data.train], cfg.topk, cfg.eval_batch)
+                val = evaluate(*stage.embed(), data.val, [data.train], cfg.topk, cfg.eval_batch)
             record.update({f"val_{k}": v for k, v in val.items()})
             line += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items())
             if val[key] > state["best_val"]:
                 state.update(best_val=val[key], best_epoch=state["epoch"], bad_evals=0)
-                checkpoint(best_path)
+                saves.append(best_path)
                 line += " (best)"
             else:
                 state["bad_evals"] += 1
-            checkpoint(last_path)
+            saves.append(last_path)
         print(line)
-        append_jsonl(metrics_path, record)
+        append_jsonl(metrics_path, record)      # before the checkpoints: --resume drops what comes after its own
+        for path in saves:
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": gen.get_state(),
+                         "state": state, "config": asdict(cfg)}, path)
     if not os.path.exists(best_path):
         raise UserError(f"no evaluation happened (epochs={epochs} < eval_every={cfg.eval_every}); "
                         f"lower --eval_every")
     model.load_state_dict(load_checkpoint(best_path, device)["model"])
     return state
+
+
+def stage_fit(cfg):
+    """The training loop a pipeline is given: fit, each stage in its own subfolder of out_dir."""
+    return lambda stage: fit(cfg, stage, os.path.join(cfg.out_dir, stage.name))
 
 
 @torch.no_grad()
@@ -226,6 +211,8 @@ def metrics_line(val, test):
             + " ".join(f"{k} {v:.4f}" for k, v in test.items()))
 
 
+# ----------------------------------------------------------------------------- the methods
+
 def graph_edges(cfg, data):
     """The interactions the propagation graph is built from: all, or a seeded random --graph_edges share."""
     if cfg.graph_edges >= 1:
@@ -236,26 +223,26 @@ def graph_edges(cfg, data):
 
 
 def train_lightgcn(cfg, data, device, out_dir, resume=False):
-    """Plain LightGCN + BPR. Returns (model, A_hat, fit state)."""
+    """Plain LightGCN + BPR (L_BPR + L2), selected on validation. Returns (model, A_hat, fit state)."""
     torch.manual_seed(cfg.seed)
     A_hat = Graph(data.n_users, data.n_items, graph_edges(cfg, data), cfg.self_loops).normalized().to(device)
     model = LightGCN(data.n_users, data.n_items, cfg.dim, cfg.n_layers, cfg.combine).to(device)
 
-    def loss_fn(u, i, j):
-        E_user, E_item = model(A_hat)
-        E0_user, E0_item = model.E0.split([data.n_users, data.n_items])
-        bpr, l2 = bpr_loss(E_user, E_item, E0_user, E0_item, u, i, j, cfg.decay)
-        return bpr + l2
+    def loss(u, i, j):
+        return sum(bpr_loss(*model(A_hat), *model.E0.split([data.n_users, data.n_items]), u, i, j, cfg.decay))
 
-    state = fit(cfg, data, model, loss_fn, lambda: model(A_hat), out_dir, cfg.epochs, resume=resume)
+    state = fit(cfg, Stage("lightgcn", model, loss, lambda: model(A_hat), data, cfg.epochs), out_dir, resume)
     return model, A_hat, state
 
 
 def train(cfg, data, device):
     t_start = time.time()
+    prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    last = os.path.join(cfg.out_dir, "ckpt_last.pt")       # Ctrl-C: say how to continue, once there is a checkpoint
+    on_interrupt(lambda: f"continue with: python train_rec.py --out_dir={cfg.out_dir} --resume"
+                 if os.path.exists(last) else "")
     model, A_hat, state = train_lightgcn(cfg, data, device, cfg.out_dir, cfg.resume)
-    with torch.no_grad():
-        val, test = report(cfg, data, *model(A_hat))
+    val, test = report(cfg, data, *model(A_hat))
     wall = time.time() - t_start
     print(f"best epoch {state['best_epoch']} | {metrics_line(val, test)} | {fmt_seconds(wall)} wall")
     write_json(os.path.join(cfg.out_dir, "summary.json"),
@@ -267,12 +254,7 @@ def train_lightgnn_pipeline(cfg, data, device):
     """LightGNN (lightgnn.run): teacher -> intermediate -> student pruning rounds, each stage a `fit` run in its
     own subfolder of out_dir; --teacher / --intermediate reuse saved stages (checked against this data set)."""
     t_start = time.time()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    rows = []
-
-    def stage_fit(stage, model, loss_fn, embed, epochs, after_step):
-        return fit(cfg, data, model, loss_fn, embed, os.path.join(cfg.out_dir, stage), epochs, after_step)[
-            "train_seconds"]
+    rows, reuse = [], {"teacher": cfg.teacher, "intermediate": cfg.intermediate}
 
     def row(name, E_user, E_item, seconds, edges_kept, entries_kept, cost):
         val, test = report(cfg, data, E_user, E_item)
@@ -281,23 +263,14 @@ def train_lightgnn_pipeline(cfg, data, device):
         print(f"== {name} | edges {edges_kept:.3f} | entries {entries_kept:.3f} | cost {cost:.3f} "
               f"| {metrics_line(val, test)} | {fmt_seconds(seconds)}")
         write_json(os.path.join(cfg.out_dir, "summary.json"), {"rounds": rows, "config": asdict(cfg)})
+        if name in reuse:               # Ctrl-C: a pipeline starts over, reusing its finished stages
+            reuse[name] = reuse[name] or os.path.join(cfg.out_dir, name, "ckpt_best.pt")
+            on_interrupt("start again in another --out_dir, reusing the finished stages: " + " ".join(
+                f"--{k}={v}" for k, v in reuse.items() if v))
 
-    teacher = mid_state = None
-    if cfg.teacher:   # a plain train_rec run (its n_layers, self_loops) or the teacher stage of a lightgnn run
-        ckpt = load_checkpoint(cfg.teacher, device)
-        check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim",), cfg.teacher)
-        c = ckpt["config"]
-        layers, combine, loops = ((c["teacher_layers"], "sum", True) if c["method"] == "lightgnn"
-                                  else (c["n_layers"], c["combine"], c["self_loops"]))
-        model = LightGCN(data.n_users, data.n_items, cfg.dim, layers, combine).to(device)
-        model.load_state_dict(ckpt["model"])
-        A_t = Graph(data.n_users, data.n_items, data.train, loops).normalized().to(device)
-        teacher = (model, A_t, ckpt["state"].get("train_seconds", float("nan")))
-    if cfg.intermediate:
-        ckpt = load_checkpoint(cfg.intermediate, device)
-        check_same(ckpt["config"], asdict(cfg), DATA_KEYS + ("dim", "mid_layers", "mid_topk"), cfg.intermediate)
-        mid_state = (ckpt["model"], ckpt["state"].get("train_seconds", float("nan")))
-    lightgnn.run(data, cfg, stage_fit, row, device, teacher, mid_state)
+    teacher, mid_state = saved_teacher(cfg, data, device), saved_intermediate(cfg, device)
+    prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    lightgnn.run(data, cfg, stage_fit(cfg), row, device, teacher, mid_state)
     print(f"lightgnn pipeline done in {fmt_seconds(time.time() - t_start)}; table in {cfg.out_dir}/summary.json")
 
 
@@ -305,24 +278,13 @@ def train_unlearnrec(cfg, data, device):
     """UnlearnRec: forget --forget from the --base model with the pipeline of unlearnrec.py (pre-training, requests,
     fine-tuning, the fine-tune-only baseline) given this script's training loop, and compare with retraining
     from scratch (the base run's own settings and stopping rule) without the request edges."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    base_ckpt = load_checkpoint(cfg.base, device)
-    check_same(base_ckpt["config"], asdict(cfg), DATA_KEYS, cfg.base)
-    b = base_ckpt["config"]
-    base_cfg = replace(cfg, method="lightgcn", **{k: b[k] for k in BASE_KEYS if k in b})
+    base, base_cfg, base_seconds = saved_base(cfg, data, device)
+    check_requests(cfg, data)
     # an encoder is pre-trained for one original model: the base, or the model poisoned from it
     pretrained_on = cfg.base + (" (poisoned)" if cfg.forget == "adversarial" else "")
-    encoder_state = None
-    if cfg.encoder:
-        encoder_ckpt = load_checkpoint(cfg.encoder, device)
-        check_same(encoder_ckpt, {"pretrained_on": pretrained_on}, ("pretrained_on",), cfg.encoder)
-        encoder_state = encoder_ckpt["model"]
-    base = LightGCN(data.n_users, data.n_items, base_cfg.dim, base_cfg.n_layers, base_cfg.combine).to(device)
-    base.load_state_dict(base_ckpt["model"])
-
-    def fit_in(data_i, model, loss_fn, embed, name, epochs, seed):
-        return fit(replace(cfg, seed=seed, eval_every=epochs), data_i, model, loss_fn, embed,
-                   os.path.join(cfg.out_dir, name), epochs)
+    encoder_state = saved_encoder(cfg, device, pretrained_on)
+    prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    on_interrupt("a pipeline starts over: run it again with --overwrite")
 
     def train_base(data_i, name):
         model, _, state = train_lightgcn(base_cfg, data_i, device, os.path.join(cfg.out_dir, name))
@@ -332,11 +294,8 @@ def train_unlearnrec(cfg, data, device):
         val, test = report(cfg, data_i, E_user, E_item)
         return {"val": val, "test": test}
 
-    try:
-        out = unlearn_pipeline(cfg, data, base, base_ckpt["state"]["train_seconds"], base_cfg.self_loops, fit_in,
-                               train_base, report_rows, encoder_state)
-    except DataError as e:
-        raise UserError(str(e)) from None
+    out = unlearn_pipeline(cfg, data, base, base_seconds, base_cfg.self_loops, stage_fit(cfg), train_base,
+                           report_rows, encoder_state)          # (--forget was checked by check_requests)
     if not cfg.encoder:
         save_atomic({"model": out["encoder_pretrained"], "pretrained_on": pretrained_on, "config": asdict(cfg)},
                     os.path.join(cfg.out_dir, "encoder_pretrained.pt"))
@@ -344,63 +303,37 @@ def train_unlearnrec(cfg, data, device):
     save_atomic({"encoder": out["encoder"], "E_user": U_user, "E_item": U_item,
                  "requests": torch.from_numpy(out["requests"]), "config": asdict(cfg)},
                 os.path.join(cfg.out_dir, "unlearned.pt"))
-    # time: fine-tuning alone, and with the pre-training shared by the sequence of requests
-    K, pre = cfg.sequence, out["pretrain_seconds"]
-    total = {name: sum(r["seconds"] for s in out["steps"] for r in s["rows"] if r["model"] == name)
-             for name in ("unlearnrec", "fine-tune-only", "retrained")}
-    times = {"pretrain_seconds": pre, "per_request": {n: t / K for n, t in total.items()},
-             "unlearnrec_amortised": (pre + total["unlearnrec"]) / K}
-    if cfg.retrain:
-        times["speedup_finetune"] = total["retrained"] / total["unlearnrec"]
-        times["speedup_amortised"] = total["retrained"] / (pre + total["unlearnrec"])
-        print(f"{K} request(s): retraining {fmt_seconds(total['retrained'])} vs UnlearnRec "
-              f"{fmt_seconds(total['unlearnrec'])} fine-tuning ({times['speedup_finetune']:.1f}x), "
-              f"{fmt_seconds(pre + total['unlearnrec'])} with pre-training ({times['speedup_amortised']:.1f}x)")
+    times = timings(out, cfg.sequence, cfg.retrain)
     # the score samples of each step and model go to scores.npz (plot.py unlearning), the rest to summary.json
     samples = {f"{k + 1}/{r['model']}/{kind}": s for k, step in enumerate(out["steps"]) for r in step["rows"]
                for kind, s in r.pop("scores").items()}
-    with open(os.path.join(cfg.out_dir, "scores.npz.tmp"), "wb") as f:
-        np.savez(f, **samples)
-    os.replace(os.path.join(cfg.out_dir, "scores.npz.tmp"), os.path.join(cfg.out_dir, "scores.npz"))
+    save_npz_atomic(os.path.join(cfg.out_dir, "scores.npz"), samples)
     write_json(os.path.join(cfg.out_dir, "summary.json"),
                {"steps": out["steps"], "times": times, "config": asdict(cfg)})
 
 
+# ----------------------------------------------------------------------------- flags
+
+def resumed(cfg, argv):
+    """--resume: the run's saved settings, with the flags of RESUMABLE given on top (the run continues exactly)."""
+    if cfg.overwrite:
+        raise UserError(f"--resume continues the run in {cfg.out_dir}, --overwrite replaces it: pick one")
+    path = os.path.join(cfg.out_dir, "ckpt_last.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--resume but {path} does not exist (only a --method=lightgcn run has one); drop --resume "
+                        f"or fix --out_dir")
+    return resumed_config(RecConfig, load_checkpoint(path)["config"], argv, RESUMABLE)
+
+
 def main():
-    cfg = parse_flags(RecConfig, sys.argv[1:])
-    if cfg.dataset != "ml-latest-small" and cfg.dataset not in TEXT_DATASETS:
-        raise UserError(f"unknown --dataset={cfg.dataset}; use ml-latest-small or one of {', '.join(TEXT_DATASETS)}")
-    if cfg.method not in ("lightgcn", "lightgnn", "unlearnrec"):
-        raise UserError(f"unknown --method={cfg.method}; use lightgcn, lightgnn or unlearnrec")
-    if cfg.method == "unlearnrec" and not (cfg.base and cfg.forget):
-        raise UserError("--method=unlearnrec needs --base=<checkpoint of a trained lightgcn> and "
-                        "--forget=<file of `user item` lines>|<fraction of training edges>|adversarial")
-    if not 0 < cfg.pre_frac < 1 or cfg.redraw_every < 1 or cfg.finetune_epochs < 1 or cfg.pre_epochs < 0:
-        raise UserError("--pre_frac must be in (0, 1), --redraw_every and --finetune_epochs >= 1, --pre_epochs >= 0")
-    if cfg.sequence < 1 or cfg.enc_layers < 0:
-        raise UserError("--sequence must be >= 1 and --enc_layers >= 0")
-    if cfg.sequence > 1 and not cfg.forget.replace(".", "", 1).replace("e-", "", 1).isdigit():
-        raise UserError(f"--sequence={cfg.sequence} needs --forget=<fraction>: a file or `adversarial` is one request")
-    if cfg.model not in ("lightgcn", "mf"):
-        raise UserError(f"unknown --model={cfg.model}; use lightgcn or mf")
+    argv = sys.argv[1:]
+    cfg = parse_flags(RecConfig, argv)
+    check_flags(cfg)
+    check_inputs_kept(cfg)
+    if cfg.resume:
+        cfg = resumed(cfg, argv)
     if cfg.model == "mf":
         cfg = replace(cfg, n_layers=0)              # matrix factorisation = LightGCN without propagation
-    if not (0 <= cfg.rho < 1 and 0 <= cfg.rho_emb < 1) or cfg.rounds < 0 or cfg.mid_topk < 0:
-        raise UserError("--rho and --rho_emb must be in [0, 1), --rounds and --mid_topk >= 0")
-    if cfg.prune not in ("learned", "random"):
-        raise UserError(f"--prune={cfg.prune} must be learned or random")
-    if cfg.combine not in ("mean", "sum"):
-        raise UserError(f"--combine={cfg.combine} must be mean or sum")
-    for k in ("dim", "batch_size", "epochs", "topk", "eval_every", "patience", "eval_batch", "teacher_layers",
-              "mid_layers", "mid_epochs", "student_layers", "round_epochs", "kd_nodes", "kd_triples", "align_pairs"):
-        if getattr(cfg, k) < 1:
-            raise UserError(f"--{k}={getattr(cfg, k)} must be >= 1")
-    if cfg.n_layers < 0 or not (0 <= cfg.val_frac < 1 and 0 <= cfg.test_frac < 1 and cfg.val_frac + cfg.test_frac < 1):
-        raise UserError("--n_layers must be >= 0, and --val_frac, --test_frac >= 0 with val_frac + test_frac < 1")
-    if cfg.resume and not os.path.exists(os.path.join(cfg.out_dir, "ckpt_last.pt")):
-        raise UserError(f"--resume but {cfg.out_dir}/ckpt_last.pt does not exist; drop --resume or fix --out_dir")
-    if not 0 < cfg.graph_edges <= 1:
-        raise UserError(f"--graph_edges={cfg.graph_edges} must be in (0, 1]")
     device = pick_device(cfg.device)
     data = load_data(cfg)
     if len(data.val) == 0:

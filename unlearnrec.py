@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lightgcn import DataError, Graph, bpr_loss
+from lightgcn import DataError, Graph, Stage, bpr_loss
 
 
 # ----------------------------------------------------------------------------- requests
@@ -250,8 +250,8 @@ def score_report(E_user, E_item, forgotten, held_out, negatives, n_sample=2000):
 
 def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit, cfg, name, epochs, seed):
     """Train `corrector` (InfluenceEncoder or FineTuneOnly) to forget `requests` from the model whose layer-0 /
-    final embeddings are E0 / E_L, with batches from the remaining edges train_r, through
-    fit(data, model, loss_fn, embed, name, epochs, seed) -> state. Returns (seconds, E0', E'), detached."""
+    final embeddings are E0 / E_L, with batches from the remaining edges train_r, through the training loop
+    fit(lightgcn.Stage) -> state. Returns (seconds, E0', E'), detached."""
     nu, ni, dev = data.n_users, data.n_items, E0.device
     A_delta = request_adjacency(requests, nu, ni).to(dev)
     A_r = Graph(nu, ni, train_r, self_loops).normalized().to(dev)
@@ -280,7 +280,8 @@ def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit
                                                     cfg.ssl_tau)
         return loss
 
-    state = fit(replace(data, train=train_r), corrector, loss_fn, embed, name, epochs, seed)
+    # trained on L for `epochs` epochs; the last epoch is the model (no selection on validation)
+    state = fit(Stage(name, corrector, loss_fn, embed, replace(data, train=train_r), epochs, "last", seed=seed))
     with torch.no_grad():
         E0p = corrector(A_delta, E0, E_L)
         return state["train_seconds"], E0p, base.propagate(A_r, E0p)
@@ -376,3 +377,20 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
         train = train_r
     return {"pretrain_seconds": pre_seconds, "steps": steps, "encoder_pretrained": pretrained,
             "encoder": encoder.state_dict(), "unlearned": chains["unlearnrec"][1], "requests": requests}
+
+
+def timings(out, K, retrain):
+    """unlearn_pipeline's times: per request, fine-tuning alone and with the pre-training shared by the K requests,
+    and (retrain) the speed-up over retraining."""
+    pre = out["pretrain_seconds"]
+    total = {name: sum(r["seconds"] for s in out["steps"] for r in s["rows"] if r["model"] == name)
+             for name in ("unlearnrec", "fine-tune-only", "retrained")}
+    times = {"pretrain_seconds": pre, "per_request": {n: t / K for n, t in total.items()},
+             "unlearnrec_amortised": (pre + total["unlearnrec"]) / K}
+    if retrain:
+        times["speedup_finetune"] = total["retrained"] / total["unlearnrec"]
+        times["speedup_amortised"] = total["retrained"] / (pre + total["unlearnrec"])
+        print(f"{K} request(s): retraining {total['retrained']:.1f} s vs UnlearnRec {total['unlearnrec']:.1f} s "
+              f"fine-tuning ({times['speedup_finetune']:.1f}x), {pre + total['unlearnrec']:.1f} s with pre-training "
+              f"({times['speedup_amortised']:.1f}x)")
+    return times

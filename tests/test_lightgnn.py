@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lightgnn
 from lightgcn import Graph, bpr_loss
-from lightgnn import (PrunableLightGCN, augmented_graph, distill_loss, dot_logits, edge_scores, embedding_kd,
+from lightgnn import (KD, Batch, PrunableLightGCN, Tutor, augmented_graph, distill_loss, dot_logits, edge_scores, embedding_kd,
                       info_nce, prediction_kd, prune_round, sample_nodes, subspace_uniformity, uniformity)
 
 EDGES = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3]])  # 4 users, 4 items
@@ -142,7 +142,7 @@ def test_pruned_entries_stay_zero_after_optimizer_steps():
     u, i, j = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), torch.tensor([2, 3, 0])
     for _ in range(5):
         E_user, E_item = student()
-        loss = distill_loss(student, E_user, E_item, T, T, u, i, j, (u, j, i), w, 1e-4, rnd=3)
+        loss = distill_loss(student, E_user, E_item, Tutor(*T, *T), Batch(u, i, j, (u, j, i)), KD(**w, decay=1e-4), rnd=3)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -166,7 +166,8 @@ def test_kd_nodes_sample_both_positives_and_negatives():
     w = {"pred": 0.0, "tau": 1.0, "emb": 1.0, "emb_tau": 0.1, "uni": 1.0, "uni_tau": 1.0, "sub": 0.0, "kd_nodes": 32}
     E_user, E_item = model()
     u = torch.zeros(64, dtype=torch.long)
-    got = distill_loss(model, E_user, E_item, H, H, u, i, j, (u, i, j), w, 0.0, torch.Generator().manual_seed(5))
+    got = distill_loss(model, E_user, E_item, Tutor(*H, *H), Batch(u, i, j, (u, i, j)), KD(**w, decay=0.0),
+                       generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)
     users, items = sample_nodes(u, 32, gen), sample_nodes(torch.cat([i, j]), 32, gen)
     assert (items >= 64).any()
@@ -259,18 +260,18 @@ def test_pipeline_with_a_stub_fit():
                          kd_emb_tau=0.1, uni=1.0, uni_tau=1.0, sub=1e-4, kd_nodes=16, kd_triples=50)
     stages, rows = [], []
 
-    def fit(stage, model, loss_fn, embed, epochs, after_step):
+    def fit(stage):
         """One epoch of Adam over the training pairs, one batch, a negative per pair (may hit a positive)."""
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        u, i = torch.from_numpy(train).T
-        loss = loss_fn(u, i, torch.randint(n_items, u.shape))
+        opt = torch.optim.Adam(stage.model.parameters(), lr=1e-2)
+        u, i = torch.from_numpy(stage.data.train).T
+        loss = stage.loss(u, i, torch.randint(n_items, u.shape))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if after_step is not None:
-            after_step()
-        stages.append((stage, epochs, loss.item()))
-        return 1.0
+        if stage.after_step is not None:
+            stage.after_step()
+        stages.append((stage.name, stage.epochs, loss.item()))
+        return {"train_seconds": 1.0}
 
     def report(name, E_user, E_item, seconds, edges, entries, cost):
         assert E_user.shape == (n_users, 8) and E_item.shape == (n_items, 8)

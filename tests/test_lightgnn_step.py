@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightgcn import Graph
-from lightgnn import PairScores, PrunableLightGCN, RowLogSumExp, distill_loss, pair_csr
+from lightgnn import KD, Batch, PairScores, PrunableLightGCN, RowLogSumExp, Tutor, distill_loss, pair_csr
 
 W = {"pred": 0.7, "tau": 0.05, "emb": 0.4, "emb_tau": 0.1, "uni": 0.3, "uni_tau": 0.7, "sub": 0.2, "kd_nodes": 24}
 
@@ -31,7 +31,8 @@ def one_step(rnd):
     j = torch.randint(n_items, (128,), generator=g)
     triples = [torch.randint(n, (1000,), generator=g) for n in (n_users, n_items, n_items)]
     E_user, E_item = student()
-    loss = distill_loss(student, E_user, E_item, tutor, high, u, i, j, triples, W, 1e-2, g, rnd)
+    loss = distill_loss(student, E_user, E_item, Tutor(*tutor, *high), Batch(u, i, j, triples), KD(**W, decay=1e-2),
+                        rnd, g)
     g_E0, g_W = torch.autograd.grad(loss, [student.E0, student.W])
     r = torch.Generator().manual_seed(2)
     R_E0, R_W = torch.randn(g_E0.shape, generator=r, dtype=torch.float64), torch.randn(g_W.shape, generator=r,

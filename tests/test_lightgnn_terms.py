@@ -26,7 +26,7 @@ from scipy.stats import chi2
 import lightgnn
 import train_rec
 from lightgcn import Graph, Interactions, LightGCN
-from lightgnn import PrunableLightGCN, augmented_graph, distill_loss, high_order
+from lightgnn import KD, Batch, PrunableLightGCN, Tutor, augmented_graph, distill_loss, high_order
 from train_rec import RecConfig, graph_edges, train_lightgcn
 
 EDGES = np.array([[0, 0], [0, 1], [0, 4], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3], [3, 4], [1, 4]])
@@ -49,7 +49,8 @@ def api_student(seed=0):
 
 
 def api_loss(student, E_user, E_item, tutor, high, batch, triples, w, decay, rnd):
-    return distill_loss(student, E_user, E_item, tutor, high, *batch, triples, w, decay, rnd=rnd)
+    return distill_loss(student, E_user, E_item, Tutor(*tutor, *high), Batch(*batch, triples), KD(**w, decay=decay),
+                        rnd=rnd)
 
 
 def api_layer0(student):
@@ -291,11 +292,12 @@ def test_pipeline_distils_the_intermediate_from_the_teacher_and_the_student_from
     its layers 2..L_m, in every round (rnd = round; -1 for the intermediate)."""
     calls = []
 
-    def recording(model, E_user, E_item, tutor, tutor_high, *args, **kw):
-        # args: u, i, j, triples, w, decay, generator, rnd
-        calls.append((model, [t.detach().clone() for t in tutor], [t.detach().clone() for t in tutor_high],
-                      dict(args[4]), len(args[3][0]), args[7]))
-        return distill_loss(model, E_user, E_item, tutor, tutor_high, *args, **kw)
+    def recording(model, E_user, E_item, tutor, batch, kd, rnd=-1, generator=None):
+        weights = {k: v for k, v in vars(kd).items() if k != "decay"}
+        calls.append((model, [tutor.E_user.detach().clone(), tutor.E_item.detach().clone()],
+                      [tutor.H_user.detach().clone(), tutor.H_item.detach().clone()], weights, len(batch.triples[0]),
+                      rnd))
+        return distill_loss(model, E_user, E_item, tutor, batch, kd, rnd, generator)
 
     monkeypatch.setattr(lightgnn, "distill_loss", recording)
     data = toy_data()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from lightgcn import Interactions, LightGCN, NegativeSampler
+from lightgcn import Interactions, LightGCN, NegativeSampler, Stage
 from train_rec import RecConfig, fit, report
 
 
@@ -117,7 +117,7 @@ def test_negatives_the_training_loop_uses_are_uniform(tmp_path):
         return model.E0.sum() * 0                 # nothing to learn: only the draws matter
 
     cfg = RecConfig(batch_size=64, eval_every=60, lr=0.0, seed=3)
-    fit(cfg, data, model, loss_fn, lambda: model.E0.split([N_USERS, N_ITEMS]), str(tmp_path), epochs=60)
+    fit(cfg, Stage("t", model, loss_fn, lambda: model.E0.split([N_USERS, N_ITEMS]), data, epochs=60), str(tmp_path))
     u, j = torch.cat(seen_u), torch.cat(seen_j)
     assert len(u) == 60 * len(train)
     assert uniformity_pvalue(u, j, train) > 1e-3

@@ -1,10 +1,13 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,11 +24,19 @@ def data_dir(tmp_path):
     return tmp_path
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def command(tmp_path, *args):
+    """train_rec.py on the toy data, on the CPU (the same numbers on a CUDA machine). A 2-layer LightGCN where
+    --n_layers counts (a plain run; the pipelines and MF refuse it)."""
+    layers = [] if any(a.startswith(("--method=", "--model=mf")) for a in args) else ["--n_layers=2"]
+    return [sys.executable, "train_rec.py", f"--data_dir={tmp_path / 'data'}", "--dataset=ml-1m", "--dim=8", *layers,
+            "--batch_size=128", "--eval_every=2", "--lr=5e-3", "--device=cpu", *args]
+
+
 def run(tmp_path, *args):
-    flags = [f"--data_dir={tmp_path / 'data'}", "--dataset=ml-1m", "--dim=8", "--n_layers=2", "--batch_size=128",
-             "--eval_every=2", "--lr=5e-3", *args]
-    return subprocess.run([sys.executable, "train_rec.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    return subprocess.run(command(tmp_path, *args), cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
 
 
 def losses(out_dir):
@@ -178,3 +189,97 @@ def test_no_validation_split_is_one_clear_error(data_dir):
     (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
     r = run(data_dir, f"--out_dir={data_dir / 'nv'}", "--val_frac=0")
     assert r.returncode == 2 and "no validation interactions" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    for f in fragments:
+        assert f in r.stderr, (f, r.stderr)
+
+
+def test_out_dir_holding_a_run_is_kept_unless_resume_or_overwrite(data_dir):
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    out = data_dir / "run"
+    assert run(data_dir, f"--out_dir={out}", "--epochs=4").returncode == 0
+    best = (out / "ckpt_best.pt").read_bytes()
+    for args in (["--epochs=2"], ["--method=lightgnn", "--epochs=2", "--rounds=0"]):
+        one_line_error(run(data_dir, f"--out_dir={out}", *args), "already holds a run", "--resume", "--overwrite")
+    assert (out / "ckpt_best.pt").read_bytes() == best and len(losses(out)) == 4          # nothing touched
+    one_line_error(run(data_dir, f"--out_dir={out}", "--resume", "--overwrite"), "pick one")
+    one_line_error(run(data_dir, f"--out_dir={out}", "--method=lightgnn", f"--teacher={out}/ckpt_best.pt", "--rounds=0",
+                       "--overwrite"), f"--overwrite would delete --teacher={out}/ckpt_best.pt")
+    r = run(data_dir, f"--out_dir={out}", "--epochs=2", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert len(losses(out)) == 2 and json.load(open(out / "summary.json"))["epochs_run"] == 2
+
+
+def test_resume_takes_the_runs_saved_settings(data_dir):
+    """--resume with only where the run is and how long it trains continues it on its own flags, exactly."""
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    full, part = data_dir / "full", data_dir / "part"
+    assert run(data_dir, f"--out_dir={full}", "--epochs=6", "--seed=7").returncode == 0
+    assert run(data_dir, f"--out_dir={part}", "--epochs=2", "--seed=7").returncode == 0
+    r = subprocess.run([sys.executable, "train_rec.py", f"--out_dir={part}", f"--data_dir={data_dir / 'data'}",
+                        "--resume", "--epochs=6", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert losses(full) == losses(part) and len(losses(part)) == 6
+    r = subprocess.run([sys.executable, "train_rec.py", f"--out_dir={part}", f"--data_dir={data_dir / 'data'}",
+                        "--resume", "--lr=0.1"], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    one_line_error(r, "drop --lr=0.1 (the run has 0.005)")
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(data_dir):
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    out = data_dir / "run"
+    every = ["--eval_every=1", "--patience=100000"]
+    p = subprocess.Popen(command(data_dir, f"--out_dir={out}", "--epochs=100000", *every), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)
+    deadline = time.time() + 120
+    while not (out / "ckpt_last.pt").exists():
+        assert p.poll() is None and time.time() < deadline, p.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130
+    assert err.strip() == f"interrupted: nothing new was saved; continue with: python train_rec.py --out_dir={out} --resume"
+    epoch = torch.load(out / "ckpt_last.pt", weights_only=True)["state"]["epoch"]
+    r = run(data_dir, f"--out_dir={out}", "--resume", f"--epochs={epoch + 2}", *every)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(l)["epoch"] for l in open(out / "metrics.jsonl")] == list(range(1, epoch + 3))
+
+
+def test_a_flag_without_effect_is_one_error_naming_what_makes_it_count(data_dir):
+    (data_dir / "data" / "ml-1m").symlink_to(data_dir / "data" / "toy")
+    out = data_dir / "run"
+    for args, fix in ((["--forget=0.01"], "--method=unlearnrec"),
+                      (["--mid_topk=5"], "--method=lightgnn"),
+                      (["--method=lightgnn", "--n_layers=4"], "--method=lightgcn"),
+                      (["--method=lightgnn", "--rounds=0", "--rho=0.3"], "--rounds >= 1"),
+                      (["--method=lightgnn", "--prune=random", "--beta1=0.1"], "--prune=learned"),
+                      (["--model=mf", "--combine=sum"], "--n_layers >= 1"),
+                      (["--min_rating=4.0"], "--dataset=ml-latest-small"),
+                      (["--cache_dir=/tmp/x"], "no --data_dir"),
+                      (["--method=lightgnn", "--resume"], "--method=lightgcn")):
+        flag = args[-1].split("=")[0]
+        one_line_error(run(data_dir, f"--out_dir={out}", "--epochs=2", *args), f"error: {flag}=", "has no effect", fix)
+    assert not out.exists()
+    # unlearnrec's model and its retraining are the base run's: another value there would be ignored
+    assert run(data_dir, f"--out_dir={data_dir / 'base'}", "--epochs=2").returncode == 0
+    one_line_error(run(data_dir, f"--out_dir={out}", "--method=unlearnrec", f"--base={data_dir}/base/ckpt_best.pt",
+                       "--forget=0.1", "--dim=16"), "--dim=16 has no effect", "the --base run's dim=8")
+    # a data set that brings its own val.txt ignores --val_frac
+    (data_dir / "data" / "toy" / "val.txt").write_text("0 " + (data_dir / "data" / "toy" / "train.txt").read_text()
+                                                         .split()[1] + "\n")
+    one_line_error(run(data_dir, f"--out_dir={out}", "--val_frac=0.2"), "--val_frac=0.2 has no effect", "val.txt")
+
+
+def test_data_folder_message_says_what_it_looked_for_and_what_to_pass(data_dir):
+    toy = data_dir / "data" / "toy"
+    r = subprocess.run([sys.executable, "train_rec.py", "--dataset=ml-1m", f"--data_dir={toy}"], cwd=ROOT,
+                       capture_output=True, text=True, env=ENV)          # the data set's folder, not its parent
+    one_line_error(r, f"looked for {toy}/ml-1m/train.txt", f"--data_dir={data_dir / 'data'}")
+    r = subprocess.run([sys.executable, "train_rec.py", f"--data_dir={toy}"], cwd=ROOT, capture_output=True,
+                       text=True, env=ENV)
+    one_line_error(r, f"looked for {toy}/ml-latest-small/ml-latest-small.zip",
+                   "--data_dir=DIR where DIR/ml-latest-small/ml-latest-small.zip", "or no --data_dir")

@@ -278,15 +278,15 @@ def test_h0_outside_the_request_is_fine_tune_only():
         assert not torch.allclose(enc.H0.grad[inside], ft.E0p.grad[inside])
 
 
-def simple_fit(data, model, loss_fn, embed, name, epochs, seed):
+def simple_fit(stage):
     """A minimal training loop with fit's contract: every epoch each training pair once, uniform negatives."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    pairs = torch.from_numpy(data.train)
-    for _ in range(epochs):
+    gen = torch.Generator().manual_seed(stage.seed)
+    opt = torch.optim.Adam(stage.model.parameters(), lr=0.02)
+    pairs = torch.from_numpy(stage.data.train)
+    for _ in range(stage.epochs):
         for b in torch.randperm(len(pairs), generator=gen).split(64):
             u, i = pairs[b].T
-            loss = loss_fn(u, i, torch.randint(data.n_items, u.shape, generator=gen))
+            loss = stage.loss(u, i, torch.randint(stage.data.n_items, u.shape, generator=gen))
             opt.zero_grad()
             loss.backward()
             opt.step()
