@@ -139,8 +139,9 @@ class SepCache:
         return len(self.ids)
 
     def keep_on_overflow(self, T):
-        """Which entries survive a compression: initial + the newest s separators that left the local window +
-        the local window (the past window's other tokens are dropped)."""
+        """Which entries survive a compression before T new tokens arrive: initial + the newest s separators that
+        left the local window + the local window (the past window's other tokens are dropped). SepCache's parts
+        have fixed sizes, so T is not needed here; SinkCache's window shrinks by T."""
         n = len(self)
         is_init = self.stream_pos < self.a
         in_window = torch.arange(n) >= n - self.w
@@ -150,16 +151,23 @@ class SepCache:
         keep[sep[max(len(sep) - self.s, 0):]] = True
         return keep
 
+    def compress(self, T):
+        """Evict what keep_on_overflow(T) drops, from the token bookkeeping and every layer's keys and values."""
+        keep = self.keep_on_overflow(T).nonzero().flatten()
+        self.ids, self.stream_pos = self.ids[keep], self.stream_pos[keep]
+        for l in range(self.n_layer):
+            if self.k[l] is not None:
+                keep_l = keep.to(self.k[l].device)
+                self.k[l], self.v[l] = self.k[l][:, :, keep_l], self.v[l][:, :, keep_l]
+
     def start(self, idx):
+        """gpt.py's cache interface, before a forward of idx (1, T): compress if the T new tokens would overflow
+        the capacity, append them, and return the query and key positions inside the cache and the mask."""
         if idx.shape[0] != 1:
             raise ValueError("SepCache and SinkCache hold batch size 1")
         T, device = idx.shape[1], idx.device
         if len(self) > 0 and len(self) + T > self.c:
-            keep = self.keep_on_overflow(T).nonzero().flatten()
-            self.ids, self.stream_pos = self.ids[keep], self.stream_pos[keep]
-            for l in range(self.n_layer):
-                if self.k[l] is not None:
-                    self.k[l], self.v[l] = self.k[l][:, :, keep.to(device)], self.v[l][:, :, keep.to(device)]
+            self.compress(T)
         old = len(self)
         new_pos = torch.arange(self.seen, self.seen + T)
         self.ids = torch.cat([self.ids, idx[0].cpu()])
