@@ -274,3 +274,44 @@ def test_bad_score_or_window_is_rejected():
         sepllm_attention(q, k, v, keep, 3, 7, "relu")
     with pytest.raises(ValueError, match="n_local >= 1"):
         sepllm_attention(q, k, v, keep, 3, 0, "softmax")
+
+
+def sa2_written_out(q, k, v):
+    """Causal SA-2 attention of one head, row by row, written out from the formula (nothing masked inside a row:
+    row i holds keys 0..i only): w = ((x - a)/(b - a)) p, a = min(x_min, 0), b = max(x_max, 0)."""
+    out = []
+    for i in range(q.shape[0]):
+        x = k[:i + 1] @ q[i] / math.sqrt(q.shape[-1])
+        p = torch.exp(x - x.max()) / torch.exp(x - x.max()).sum()
+        a, b = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+        out.append(((x - a) / (b - a) * p) @ v[:i + 1])
+    return torch.stack(out)
+
+
+BACKENDS = ["cpu fast path"] + (["triton"] if kernels.triton is not None else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_sa2_on_rows_of_one_sign_equals_formula(backend, sign, monkeypatch):
+    """Full causal attention (w >= T), where no row has a masked entry, with every score of one sign (q, k >= 0,
+    then q negated): a = 0 < x_min or b = 0 > x_max in every row, so a wrong clamp of x_min or x_max at 0 shows.
+    Output and gradients against the formula written out, tiles of 16 crossed several times."""
+    monkeypatch.setattr(kernels, "autotune", False)
+    monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=16, BLOCK_N=16))
+    g = torch.Generator().manual_seed(11)
+    T, D = 37, 16
+    q, k = (torch.rand(1, 1, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    q, v = sign * q, torch.randn(1, 1, T, D, generator=g, dtype=torch.float64)
+    dy = torch.randn(1, 1, T, D, generator=g, dtype=torch.float64)
+    keep = torch.zeros(1, T, dtype=torch.bool)
+    dtype, tol = (torch.float32, 3e-5) if backend == "triton" else (torch.float64, 1e-10)
+    fn = TritonSepAttention.apply if backend == "triton" else lambda *a: fast_attention(*a, block=16)
+    got, expect = [], []
+    for f, dt, res in ((fn, dtype, got), (None, torch.float64, expect)):
+        qkv = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        out = f(*qkv, keep, 0, T, "sa_norm") if f else sa2_written_out(*(t[0, 0] for t in qkv))[None, None]
+        out.backward(dy.to(dt))
+        res += [out.double()] + [t.grad.double() for t in qkv]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expect):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
