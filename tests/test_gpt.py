@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gpt import GPT, GPTConfig, KVCache, RMSNorm, rope, rope_angles
@@ -101,3 +102,22 @@ def test_tied_embeddings_and_weight_decay_groups():
     decay, no_decay = model.optimizer_groups(0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+@pytest.mark.parametrize("head_dim, base", [(8, 10000.0), (16, 500.0), (64, 10000.0)])
+def test_rope_angles_equal_the_formula_at_many_positions_and_dims(head_dim, base):
+    """Every pair j of a head at positions from 0 to past 4096 (odd ones too, which a low-precision position
+    would round): (x_2j, x_2j+1) rotated by p * base^(-2j/D), written out in float64."""
+    pos = torch.tensor([0, 1, 2, 7, 63, 100, 1001, 4097])
+    x = torch.randn(1, 2, len(pos), head_dim, generator=torch.Generator().manual_seed(head_dim), dtype=torch.float64)
+    got = rope(x.float(), rope_angles(pos, head_dim, base)).double()
+    expect = torch.empty_like(x)
+    for t, p in enumerate(pos.tolist()):
+        for j in range(head_dim // 2):
+            angle = p * base ** (-2 * j / head_dim)
+            c, s = math.cos(angle), math.sin(angle)
+            x0, x1 = x[..., t, 2 * j], x[..., t, 2 * j + 1]
+            expect[..., t, 2 * j], expect[..., t, 2 * j + 1] = x0 * c - x1 * s, x0 * s + x1 * c
+    # float32 angles of positions ~4000 are off by ~3e-4 rad at most
+    torch.testing.assert_close(got, expect, rtol=0, atol=3e-3)
+    torch.testing.assert_close(got[..., 0, :], x[..., 0, :], rtol=0, atol=1e-6)    # position 0: no rotation
