@@ -47,11 +47,11 @@ def definition(q, k, v, keep, n_init, n_local, score):
     return w @ v
 
 
-def check(fn, pattern, score, n_init, n_local, dtype, tol, T=45, device="cpu", D=16, H=2):
+def check(fn, pattern, score, n_init, n_local, dtype, tol, T=45, device="cpu", D=16, H=2, B=2):
     """Output and dQ, dK, dV of fn in `dtype` against the definition in fp64 on the same inputs (rounded to
     `dtype` first, so that a near tie of SA-2's min or max falls the same way; compared relative to the largest
     reference value, so that a tolerance means the same at any scale)."""
-    q, k, v, keep = inputs(pattern, T=T, D=D, H=H)
+    q, k, v, keep = inputs(pattern, B=B, T=T, D=D, H=H)
     q, k, v = (t.to(dtype).double() for t in (q, k, v))
     dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype).double()
     grads = []
@@ -74,7 +74,7 @@ def windows(bm, bn):
 
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("n_local", [1, 2, 7, 18, 64])  # 18: two past the 16-query block; 64 >= T: full causal
+@pytest.mark.parametrize("n_local", [1, 2, 3, 7, 17, 18, 19, 33, 35, 64])  # 1-3 past a 16-query block (or two); 64 >= T
 def test_cpu_fast_path_equals_definition(score, pattern, n_local):
     check(lambda *a: fast_attention(*a, block=16), pattern, score, 3, n_local, torch.float64, 1e-10)
 
@@ -112,14 +112,30 @@ def test_triton_at_every_tile_size_and_window(bm, bn, n_local, monkeypatch):
 @triton_missing
 @pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 32)])
 def test_triton_window_sweep_against_small_tiles(bm, bn, monkeypatch):
-    # every window within two keys of a multiple of either tile size, up to past two tiles: a loop bound that is
-    # off by a key or two shows at one of them. One sink (a = 1), so the keys a wrong bound lets through are no sinks
+    # every window from two keys before to three keys past a multiple of either tile size, up to past two tiles: a
+    # loop bound that is off by a few keys shows at one of them. One sink (a = 1), so the keys a wrong bound lets
+    # through are no sinks. One sequence and one head: the batch and head offsets are tested above
     monkeypatch.setattr(kernels, "autotune", False)
     monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=bm, BLOCK_N=bn))
-    near = {k * t + d for t in (bm, bn) for k in range(3) for d in range(-2, 3)}
+    near = {k * t + d for t in (bm, bn) for k in range(3) for d in range(-2, 4)}
     for n_local in sorted(w for w in near if w >= 1):
         check(TritonSepAttention.apply, "random", "softmax", 1, n_local, torch.float32, 3e-5, T=2 * max(bm, bn) + 7,
-              H=1)
+              H=1, B=1)
+
+
+@triton_missing
+@pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 32)])
+def test_triton_column_pass_with_full_column_blocks(bm, bn, monkeypatch):
+    # the dK/dV column pass masks a column block for the query blocks that gather only part of it, and from the
+    # first that gathers all of it (its last column + w <= q0) on needs no mask. That second loop runs only for a
+    # FULL block of bn columns: a = bn sinks make one, ending at key bn - 1; windows with (bn - 1 + w) % bm in
+    # 1..3 put that key 1-3 keys inside the window of the query block just before, where a bound off by a few keys
+    # would count it twice (in both dK/dV passes). SA-2, so the arg-min / arg-max terms run in that loop too
+    monkeypatch.setattr(kernels, "autotune", False)
+    monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=bm, BLOCK_N=bn))
+    for n_local in [w for w in range(1, bm + 5) if (bn - 1 + w) % bm in (1, 2, 3)]:
+        check(TritonSepAttention.apply, "random", "sa_norm", bn, n_local, torch.float32, 3e-5, T=bn + n_local + 2 * bm,
+              H=1, B=1)
 
 
 @triton_missing
