@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from gpt import GPT, GPTConfig, KVCache, RMSNorm, rope, rope_angles
@@ -101,3 +102,52 @@ def test_tied_embeddings_and_weight_decay_groups():
     decay, no_decay = model.optimizer_groups(0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+@pytest.mark.parametrize("head_dim, base", [(8, 10000.0), (16, 500.0), (64, 10000.0)])
+def test_rope_angles_equal_the_formula_at_many_positions_and_dims(head_dim, base):
+    """Every pair j of a head at positions from 0 to past 4096 (odd ones too, which a low-precision position
+    would round): (x_2j, x_2j+1) rotated by p * base^(-2j/D), written out in float64."""
+    pos = torch.tensor([0, 1, 2, 7, 63, 100, 1001, 4097])
+    x = torch.randn(1, 2, len(pos), head_dim, generator=torch.Generator().manual_seed(head_dim), dtype=torch.float64)
+    got = rope(x.float(), rope_angles(pos, head_dim, base)).double()
+    expect = torch.empty_like(x)
+    for t, p in enumerate(pos.tolist()):
+        for j in range(head_dim // 2):
+            angle = p * base ** (-2 * j / head_dim)
+            c, s = math.cos(angle), math.sin(angle)
+            x0, x1 = x[..., t, 2 * j], x[..., t, 2 * j + 1]
+            expect[..., t, 2 * j], expect[..., t, 2 * j + 1] = x0 * c - x1 * s, x0 * s + x1 * c
+    # float32 angles of positions ~4000 are off by ~3e-4 rad at most
+    torch.testing.assert_close(got, expect, rtol=0, atol=3e-3)
+    torch.testing.assert_close(got[..., 0, :], x[..., 0, :], rtol=0, atol=1e-6)    # position 0: no rotation
+
+
+def test_grouped_query_attention_equals_multi_head_with_copied_key_value_heads():
+    """n_kv_head = 2 of n_head = 4: query heads 0, 1 share key/value head 0 and heads 2, 3 share head 1 (adjacent
+    groups); the same model with 4 key/value heads whose weights are those copies gives the same logits."""
+    gqa, mha = tiny(n_head=4, n_kv_head=2), tiny(n_head=4, n_kv_head=4)
+    state = gqa.state_dict()
+    for name, w in list(state.items()):
+        if name.endswith("attn.wqkv.weight"):                                   # rows: q (4 x 8), k (2 x 8), v (2 x 8)
+            q, k, v = w.split([32, 16, 16])
+            copies = [t.view(2, 8, 32).repeat_interleave(2, 0).reshape(32, 32) for t in (k, v)]  # kv head h // 2
+            state[name] = torch.cat([q, *copies])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 37, (2, 12), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(gqa(idx).logits, mha(idx).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_initial_weight_scales():
+    """GPT-2's initialisation: every matrix N(0, init_std), the residual projections (attention output, FFN down)
+    N(0, init_std / √(2 n_layer)); norm gains 1."""
+    cfg = GPTConfig(vocab_size=512, block_size=16, n_layer=6, n_head=4, n_embd=256, init_std=0.02)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            assert torch.all(p == 1), name
+            continue
+        expect = 0.02 / math.sqrt(12) if name.endswith(("attn.wo.weight", "ffn.w2.weight")) else 0.02
+        assert abs(p.mean().item()) < 0.05 * expect, name
+        assert p.std().item() == pytest.approx(expect, rel=0.03), name

@@ -47,11 +47,11 @@ def definition(q, k, v, keep, n_init, n_local, score):
     return w @ v
 
 
-def check(fn, pattern, score, n_init, n_local, dtype, tol, T=45, device="cpu", D=16, H=2):
+def check(fn, pattern, score, n_init, n_local, dtype, tol, T=45, device="cpu", D=16, H=2, B=2):
     """Output and dQ, dK, dV of fn in `dtype` against the definition in fp64 on the same inputs (rounded to
     `dtype` first, so that a near tie of SA-2's min or max falls the same way; compared relative to the largest
     reference value, so that a tolerance means the same at any scale)."""
-    q, k, v, keep = inputs(pattern, T=T, D=D, H=H)
+    q, k, v, keep = inputs(pattern, B=B, T=T, D=D, H=H)
     q, k, v = (t.to(dtype).double() for t in (q, k, v))
     dy = torch.randn(q.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype).double()
     grads = []
@@ -74,7 +74,7 @@ def windows(bm, bn):
 
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("n_local", [1, 2, 7, 18, 64])  # 18: two past the 16-query block; 64 >= T: full causal
+@pytest.mark.parametrize("n_local", [1, 2, 3, 7, 17, 18, 19, 33, 35, 64])  # 1-3 past a 16-query block (or two); 64 >= T
 def test_cpu_fast_path_equals_definition(score, pattern, n_local):
     check(lambda *a: fast_attention(*a, block=16), pattern, score, 3, n_local, torch.float64, 1e-10)
 
@@ -112,14 +112,30 @@ def test_triton_at_every_tile_size_and_window(bm, bn, n_local, monkeypatch):
 @triton_missing
 @pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 32)])
 def test_triton_window_sweep_against_small_tiles(bm, bn, monkeypatch):
-    # every window within two keys of a multiple of either tile size, up to past two tiles: a loop bound that is
-    # off by a key or two shows at one of them. One sink (a = 1), so the keys a wrong bound lets through are no sinks
+    # every window from two keys before to three keys past a multiple of either tile size, up to past two tiles: a
+    # loop bound that is off by a few keys shows at one of them. One sink (a = 1), so the keys a wrong bound lets
+    # through are no sinks. One sequence and one head: the batch and head offsets are tested above
     monkeypatch.setattr(kernels, "autotune", False)
     monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=bm, BLOCK_N=bn))
-    near = {k * t + d for t in (bm, bn) for k in range(3) for d in range(-2, 3)}
+    near = {k * t + d for t in (bm, bn) for k in range(3) for d in range(-2, 4)}
     for n_local in sorted(w for w in near if w >= 1):
         check(TritonSepAttention.apply, "random", "softmax", 1, n_local, torch.float32, 3e-5, T=2 * max(bm, bn) + 7,
-              H=1)
+              H=1, B=1)
+
+
+@triton_missing
+@pytest.mark.parametrize("bm, bn", [(16, 16), (32, 16), (16, 32)])
+def test_triton_column_pass_with_full_column_blocks(bm, bn, monkeypatch):
+    # the dK/dV column pass masks a column block for the query blocks that gather only part of it, and from the
+    # first that gathers all of it (its last column + w <= q0) on needs no mask. That second loop runs only for a
+    # FULL block of bn columns: a = bn sinks make one, ending at key bn - 1; windows with (bn - 1 + w) % bm in
+    # 1..3 put that key 1-3 keys inside the window of the query block just before, where a bound off by a few keys
+    # would count it twice (in both dK/dV passes). SA-2, so the arg-min / arg-max terms run in that loop too
+    monkeypatch.setattr(kernels, "autotune", False)
+    monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=bm, BLOCK_N=bn))
+    for n_local in [w for w in range(1, bm + 5) if (bn - 1 + w) % bm in (1, 2, 3)]:
+        check(TritonSepAttention.apply, "random", "sa_norm", bn, n_local, torch.float32, 3e-5, T=bn + n_local + 2 * bm,
+              H=1, B=1)
 
 
 @triton_missing
@@ -274,3 +290,44 @@ def test_bad_score_or_window_is_rejected():
         sepllm_attention(q, k, v, keep, 3, 7, "relu")
     with pytest.raises(ValueError, match="n_local >= 1"):
         sepllm_attention(q, k, v, keep, 3, 0, "softmax")
+
+
+def sa2_written_out(q, k, v):
+    """Causal SA-2 attention of one head, row by row, written out from the formula (nothing masked inside a row:
+    row i holds keys 0..i only): w = ((x - a)/(b - a)) p, a = min(x_min, 0), b = max(x_max, 0)."""
+    out = []
+    for i in range(q.shape[0]):
+        x = k[:i + 1] @ q[i] / math.sqrt(q.shape[-1])
+        p = torch.exp(x - x.max()) / torch.exp(x - x.max()).sum()
+        a, b = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+        out.append(((x - a) / (b - a) * p) @ v[:i + 1])
+    return torch.stack(out)
+
+
+BACKENDS = ["cpu fast path"] + (["triton"] if kernels.triton is not None else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_sa2_on_rows_of_one_sign_equals_formula(backend, sign, monkeypatch):
+    """Full causal attention (w >= T), where no row has a masked entry, with every score of one sign (q, k >= 0,
+    then q negated): a = 0 < x_min or b = 0 > x_max in every row, so a wrong clamp of x_min or x_max at 0 shows.
+    Output and gradients against the formula written out, tiles of 16 crossed several times."""
+    monkeypatch.setattr(kernels, "autotune", False)
+    monkeypatch.setattr(attention, "FIXED_BLOCKS", dict(BLOCK_M=16, BLOCK_N=16))
+    g = torch.Generator().manual_seed(11)
+    T, D = 37, 16
+    q, k = (torch.rand(1, 1, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    q, v = sign * q, torch.randn(1, 1, T, D, generator=g, dtype=torch.float64)
+    dy = torch.randn(1, 1, T, D, generator=g, dtype=torch.float64)
+    keep = torch.zeros(1, T, dtype=torch.bool)
+    dtype, tol = (torch.float32, 3e-5) if backend == "triton" else (torch.float64, 1e-10)
+    fn = TritonSepAttention.apply if backend == "triton" else lambda *a: fast_attention(*a, block=16)
+    got, expect = [], []
+    for f, dt, res in ((fn, dtype, got), (None, torch.float64, expect)):
+        qkv = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        out = f(*qkv, keep, 0, T, "sa_norm") if f else sa2_written_out(*(t[0, 0] for t in qkv))[None, None]
+        out.backward(dy.to(dt))
+        res += [out.double()] + [t.grad.double() for t in qkv]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expect):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")

@@ -136,3 +136,23 @@ def test_scores_are_fp32_under_bf16_autocast(normalized):
         got = sa_attention(q, k, v, normalized=normalized)
     err = (got.double() - expect).abs().mean() / expect.abs().mean()
     assert err < 0.0025, err
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("how", ["no mask", "all-True mask"])
+def test_rows_without_any_masked_entry_equal_formula(normalized, how):
+    """Rows with no masked entry: all positive (a = 0 < x_min), all negative (b = 0 > x_max), mixed signs and a
+    single entry. A masked entry counts as a 0 score, which hides how x_min and x_max are clamped at 0: only rows
+    like these see a wrong clamp."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64) * 2
+    x[0] = x[0].abs() + 0.3              # all positive: x_min > 0, so a = 0, not x_min
+    x[1] = -x[1].abs() - 0.3             # all negative: x_max < 0, so b = 0, not x_max
+    x[3] = x[3].abs() + 5.0              # large and positive: a = 0 puts every weight near its probability
+    keep = torch.ones(5, 7, dtype=torch.bool)
+    got = sa_softmax(x, mask=None if how == "no mask" else keep, normalized=normalized)
+    expect = torch.tensor([formula_row(x[r], keep[r], normalized) for r in range(5)], dtype=torch.float64)
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
+    one = torch.tensor([[2.5], [-1.5]], dtype=torch.float64)      # one entry: SA-2 weight (x - a)/(b - a) = 1 or 0
+    expect = torch.tensor([[1.0], [0.0]] if normalized else [[2.5], [-1.5]], dtype=torch.float64)
+    torch.testing.assert_close(sa_softmax(one, normalized=normalized), expect, rtol=1e-12, atol=1e-12)

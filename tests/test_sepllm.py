@@ -52,6 +52,22 @@ def test_kept_fraction_of_a_pattern_counts_rule_one_without_a_mask(a, w, monkeyp
     assert kept_fraction([pattern, None]) == pytest.approx((expect + 1) / 2, rel=1e-12)
 
 
+@pytest.mark.parametrize("a, w", [(0, 1), (2, 3)])
+def test_kept_fraction_of_a_batch_equals_a_count_over_every_sequence(a, w):
+    """B = 3 sequences with few, some and many separators: the kept share of all causal pairs of the batch, counted
+    pair by pair over the brute-force mask, for a mask, a SparsePattern and a list of layers (None = full)."""
+    T = 11
+    idx = torch.stack([torch.full((T,), 5), torch.arange(T) % 4, torch.tensor([1, 2] * 5 + [3])])  # 0, 3, 10 seps
+    m = brute_force(idx, SEP, a, w)
+    kept = sum(int(m[b, i, j]) for b in range(3) for i in range(T) for j in range(i + 1))
+    expect = kept / (3 * T * (T + 1) // 2)
+    assert len({int(m[b].sum()) for b in range(3)}) == 3     # the sequences keep different counts
+    assert kept_fraction(sepllm_mask(idx, SEP, a, w)) == pytest.approx(expect, rel=1e-12)
+    assert kept_fraction(SparsePattern(torch.isin(idx, torch.tensor(SEP)), a, w)) == pytest.approx(expect, rel=1e-12)
+    assert kept_fraction([None, SparsePattern(torch.isin(idx, torch.tensor(SEP)), a, w)]) == pytest.approx(
+        (1 + expect) / 2, rel=1e-12)
+
+
 def test_separator_ids_from_tokenizers():
     assert separator_ids(list("ab.,\n x")) == [2, 3, 4, 5]
     cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared",

@@ -595,3 +595,43 @@ def test_cuda_eval_lm_runs_each_mode_in_the_run_precision(data_dir):
                   "--stream_tokens=60"], ["--eval_mask=sepllm", "--n_local=4", "--dtype=float16"]):
         r = run([f"--out_dir={out}", "--device=cuda", *mode], data_dir, script="eval_lm.py")
         assert r.returncode == 0 and r.stdout.strip(), (mode, r.stderr)
+
+
+class RecordGradients:
+    """An optimizer for train_step that keeps the gradients it is given instead of stepping."""
+
+    def __init__(self, model):
+        self.model, self.grads, self.param_groups = model, [], []
+
+    def step(self):
+        self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters()})
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch():
+    """The gradients train_step hands the optimizer (clipping off): grad_accum=2 of 4 rows equals grad_accum=1 of
+    the same 8 rows, and both equal the gradient of the mean loss over the 8 rows computed here in one pass. AdamW
+    and clipping would hide a wrong scale of the micro-batch losses; the gradients themselves do not."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 30, (8, 16), generator=gen), torch.randint(0, 30, (8, 16), generator=gen)
+    grads = []
+    for batch_size, grad_accum in ((8, 1), (4, 2)):
+        cfg = TrainConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=batch_size, grad_accum=grad_accum,
+                          grad_clip=0.0)
+        torch.manual_seed(0)
+        model = train_lm.build_model(cfg, 30)
+        opt = RecordGradients(model)
+        loss, _, _ = train_lm.train_step(model, [], opt, torch.amp.GradScaler("cpu", enabled=False), x, y, cfg,
+                                         contextlib.nullcontext(), lambda x: None)
+        grads.append(opt.grads[0])
+        assert all(p.grad is None for p in model.parameters())          # zeroed for the next step
+        model.zero_grad()
+        out = model(x, y)                                                # the whole batch at once
+        out.loss.backward()
+        assert float(loss) == pytest.approx(out.loss.item(), rel=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(grads[-1][n], p.grad, rtol=1e-4, atol=1e-7, msg=f"{grad_accum}: {n}")
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)

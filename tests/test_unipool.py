@@ -456,3 +456,19 @@ def test_probe_routes_uniformly_to_distinct_experts_with_the_learned_gates(k):
     assert torch.equal(during[0], before[0]) and torch.equal(during[2], before[2])
     assert not torch.equal(during[1], before[1])
     assert all(torch.equal(l(x)[0], b) for l, b in zip(layers, before))
+
+
+@pytest.mark.parametrize("kind", ["moe", "unipool"])
+def test_initial_weight_scales_of_experts_and_routers(kind):
+    """Experts initialise as the dense FFN does: W1, W3 (and the router) N(0, init_std), the down projection W2
+    N(0, init_std / √(2 n_layer)) like every residual projection of gpt.py; the shared experts too."""
+    torch.manual_seed(0)
+    layers = build_moe_layers(kind, n_layer=8, dim=64, hidden=128, n_experts=8, router="norm", init_std=0.02,
+                              n_shared=2)
+    out = 0.02 / 4.0                                                              # √(2 · 8) = 4
+    weights = {"router W": lambda l: l.router.W.weight, "w1": lambda l: l.pool.w1, "w3": lambda l: l.pool.w3,
+               "w2": lambda l: l.pool.w2, "shared w1": lambda l: l.shared.w1, "shared w2": lambda l: l.shared.w2}
+    for name, get in weights.items():
+        every = {id(get(l)): get(l) for l in layers}.values()                    # a shared pool once
+        std = torch.cat([p.detach().flatten() for p in every]).std().item()
+        assert std == pytest.approx(out if name.endswith("w2") else 0.02, rel=0.03), name

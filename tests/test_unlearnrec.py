@@ -395,3 +395,41 @@ def test_fine_tune_with_ssl_lowers_forgotten_scores_and_trains_only_the_correcto
     _, E0p, _ = fine_tune(InfluenceEncoder(NU + NI, 16, 2), model, model.E0, E_L, req, data, train_r, False,
                           simple_fit, cfg, "t", 30, 0)
     assert (E0p - out[0]).abs().max() > 1e-3
+
+
+def test_each_request_of_a_sequence_starts_from_the_previous_unlearned_model(monkeypatch):
+    """--sequence=3: request k + 1 of each chain starts from what request k of the same chain returned (E0' and the
+    final embeddings), request 1 from the base; the fine-tune-only corrector starts as that E0', the encoder as
+    the pre-trained one. Restarting every request from the base would still push each request's scores down, so
+    only the starting points themselves tell the two apart."""
+    import unlearnrec
+    calls, real = [], unlearnrec.fine_tune
+
+    def recording(corrector, base, E0, E_L, requests, data, train_r, *rest):
+        start = {k: v.clone() for k, v in corrector.state_dict().items()}
+        out = real(corrector, base, E0, E_L, requests, data, train_r, *rest)
+        calls.append({"name": rest[3], "E0": E0.clone(), "E_L": E_L.clone(), "start": start, "train_r": train_r,
+                      "requests": requests, "E0p": out[1], "E": out[2]})
+        return out
+
+    monkeypatch.setattr(unlearnrec, "fine_tune", recording)
+    data, base, out, _ = toy_pipeline(sequence=3, retrain=False)
+    calls = [c for c in calls if c["name"] != "pretrain"]
+    assert [c["name"] for c in calls] == [f"{m}{k}" for k in (1, 2, 3) for m in ("unlearnrec", "fine-tune-only")]
+    with torch.no_grad():
+        E_L = base.propagate(Graph(40, 30, data.train).normalized())
+    previous = {"unlearnrec": (base.E0, E_L, data.train), "fine-tune-only": (base.E0, E_L, data.train)}
+    for c in calls:
+        chain = c["name"][:-1]
+        E0, E_L, train = previous[chain]
+        torch.testing.assert_close(c["E0"], E0, rtol=0, atol=0)
+        torch.testing.assert_close(c["E_L"], E_L, rtol=0, atol=0)
+        assert np.array_equal(c["train_r"], remove_edges(train, c["requests"]))
+        if chain == "fine-tune-only":
+            torch.testing.assert_close(c["start"]["E0p"], E0, rtol=0, atol=0)
+        else:
+            for k, v in out["encoder_pretrained"].items():
+                torch.testing.assert_close(c["start"][k], v, rtol=0, atol=0)
+        assert (c["E0p"] - base.E0).abs().max() > 1e-3    # unlearning moved it: starting from the base is different
+        previous[chain] = (c["E0p"], c["E"], c["train_r"])
+    torch.testing.assert_close(out["unlearned"], previous["unlearnrec"][1], rtol=0, atol=0)
