@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from common import (UserError, autocast_for, load_checkpoint, load_weights, parse_flags, pick_device, pick_dtype,
                     refuse_unused, run_main, write_json)
 from gpt import KVCache
-from lm_common import (Tokenizer, build_model, check_sparse_windows, estimate_loss, get_batch, layer_windows,
-                       moe_layers, prepare_data, recall_eval, recall_note, sparse_patterns)
+from lm_common import (Tokenizer, build_model, check_recall_sinks, check_sparse_windows, estimate_loss, get_batch,
+                       layer_windows, moe_layers, prepare_data, recall_eval, recall_note, sparse_patterns)
 from sepllm import STREAMING_SEPARATORS, SepCache, SinkCache, kept_fraction
 from train_lm import TrainConfig
 from unipool import random_routing
@@ -110,6 +110,8 @@ def eval_mask(cfg):
     model, tok, saved, device, data = load_trained(cfg)
     layer_windows(saved)
     check_sparse_windows(saved, cfg.eval_mask)
+    if saved.dataset == "recall":
+        check_recall_sinks(saved.recall_filler, cfg.n_init, f"--eval_mask={cfg.eval_mask}")
     sep = tok.separators()
     masks = lambda x: sparse_patterns(saved, cfg.eval_mask, x, sep)  # noqa: E731
     loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
@@ -149,6 +151,8 @@ def stream_eval(cfg):
                  "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]
     t0 = time.time()
     if saved.dataset == "recall":
+        if cfg.stream != "full":
+            check_recall_sinks(saved.recall_filler, cfg.n_init, f"--stream={cfg.stream}")
         val = data["val"]
         episodes = val.fixed[:max(1, cfg.stream_tokens // val.fixed.shape[1])] if cfg.stream_tokens else val.fixed
         nll, kv, correct = [], [], []
