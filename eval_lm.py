@@ -142,8 +142,8 @@ def stream_nll(model, stream, cache, device="cpu"):
 @torch.no_grad()
 def stream_eval(cfg):
     """Perplexity of one long token stream decoded a token at a step through a KV cache (SepCache, SinkCache or
-    the full cache), with the KV it used and its speed. For --dataset=recall checkpoints, each validation
-    episode is one stream with a fresh cache, and the answers' accuracy is reported too."""
+    the full cache), with the KV it used and its speed. For --dataset=recall checkpoints, the validation episodes
+    one after another are the stream, and the answers' accuracy is reported too."""
     model, tok, saved, device, data = load_trained(cfg)
     L = saved.n_layer
     new_cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
@@ -155,15 +155,12 @@ def stream_eval(cfg):
             check_recall_sinks(saved.recall_filler, cfg.n_init, f"--stream={cfg.stream}")
         val = data["val"]
         episodes = val.fixed[:max(1, cfg.stream_tokens // val.fixed.shape[1])] if cfg.stream_tokens else val.fixed
-        nll, kv, correct = [], [], []
-        for e in episodes:
-            n, k, pred = stream_nll(model, e, new_cache(), device)
-            nll.append(n)
-            kv.append(k)
-            correct.append(pred[val.answers()] == e[val.answers() + 1])
-        nll, kv = torch.cat(nll), torch.cat(kv)
-        acc = torch.stack(correct).float().mean().item()
-        note = f", answer accuracy {acc:.3f} ({len(episodes)} episodes)"
+        # the episodes one after another as one stream through one cache, so after the first the cache works in
+        # its steady state (evicting), as in a long stream; answer j of episode i is predicted at i·n + answers()[j]
+        nll, kv, pred = stream_nll(model, episodes.flatten(), new_cache(), device)
+        at = (torch.arange(len(episodes))[:, None] * episodes.shape[1] + val.answers()[None]).flatten()
+        acc = (pred[at] == episodes.flatten()[at + 1]).float().mean().item()
+        note = f", answer accuracy {acc:.3f} ({len(episodes)} episodes in one stream)"
     else:
         stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
         nll, kv, _ = stream_nll(model, stream[:cfg.stream_tokens or len(stream)], new_cache(), device)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common import UserError, parse_flags
+from eval_lm import EvalConfig, load_trained, stream_eval
 from lm_common import check_train_flags, prepare_data, recall_eval
 from recall import RecallData, answer_accuracy
 from train_lm import TrainConfig
@@ -166,3 +167,13 @@ def test_eval_with_sinks_over_the_filler_is_one_clear_error(tmp_path):
         r = subprocess.run([sys.executable, "eval_lm.py", f"--out_dir={out}", *mode], cwd=ROOT, env=env,
                            capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--recall_filler=3" in r.stderr, (mode, r.stderr)
+    # streaming: the episodes one after another are one stream; with the full cache, its answers are those of
+    # one forward over the concatenated episodes
+    cfg = parse_flags(EvalConfig, [f"--out_dir={out}", "--stream=full", "--stream_tokens=87"])   # 3 episodes of 29
+    result = stream_eval(cfg)
+    model, _, saved, _, data = load_trained(cfg)
+    e = data["val"].fixed[:3]
+    with torch.no_grad():
+        pred = model(e.flatten()[None, :-1]).logits[0].argmax(-1)
+    at = torch.cat([i * 29 + data["val"].answers() for i in range(3)])
+    assert result["answer_acc"] == pytest.approx((pred[at] == e.flatten()[at + 1]).float().mean().item())
