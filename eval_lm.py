@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from common import (UserError, autocast_for, load_checkpoint, load_weights, parse_flags, pick_device, pick_dtype,
                     refuse_unused, run_main, write_json)
 from gpt import KVCache
-from lm_common import (Tokenizer, build_model, check_sparse_windows, estimate_loss, get_batch, layer_windows,
-                       moe_layers, prepare_data, recall_eval, recall_note, sparse_patterns)
+from lm_common import (Tokenizer, build_model, check_recall_sinks, check_sparse_windows, estimate_loss, get_batch,
+                       layer_windows, moe_layers, prepare_data, recall_eval, recall_note, sparse_patterns)
 from sepllm import STREAMING_SEPARATORS, SepCache, SinkCache, kept_fraction
 from train_lm import TrainConfig
 from unipool import random_routing
@@ -110,6 +110,8 @@ def eval_mask(cfg):
     model, tok, saved, device, data = load_trained(cfg)
     layer_windows(saved)
     check_sparse_windows(saved, cfg.eval_mask)
+    if saved.dataset == "recall":
+        check_recall_sinks(saved.recall_filler, cfg.n_init, f"--eval_mask={cfg.eval_mask}")
     sep = tok.separators()
     masks = lambda x: sparse_patterns(saved, cfg.eval_mask, x, sep)  # noqa: E731
     loss = estimate_loss(model, data, saved, device, contextlib.nullcontext(), masks)["val"]
@@ -140,8 +142,8 @@ def stream_nll(model, stream, cache, device="cpu"):
 @torch.no_grad()
 def stream_eval(cfg):
     """Perplexity of one long token stream decoded a token at a step through a KV cache (SepCache, SinkCache or
-    the full cache), with the KV it used and its speed. For --dataset=recall checkpoints, each validation
-    episode is one stream with a fresh cache, and the answers' accuracy is reported too."""
+    the full cache), with the KV it used and its speed. For --dataset=recall checkpoints, the validation episodes
+    one after another are the stream, and the answers' accuracy is reported too."""
     model, tok, saved, device, data = load_trained(cfg)
     L = saved.n_layer
     new_cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
@@ -149,17 +151,16 @@ def stream_eval(cfg):
                  "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]
     t0 = time.time()
     if saved.dataset == "recall":
+        if cfg.stream != "full":
+            check_recall_sinks(saved.recall_filler, cfg.n_init, f"--stream={cfg.stream}")
         val = data["val"]
         episodes = val.fixed[:max(1, cfg.stream_tokens // val.fixed.shape[1])] if cfg.stream_tokens else val.fixed
-        nll, kv, correct = [], [], []
-        for e in episodes:
-            n, k, pred = stream_nll(model, e, new_cache(), device)
-            nll.append(n)
-            kv.append(k)
-            correct.append(pred[val.answers()] == e[val.answers() + 1])
-        nll, kv = torch.cat(nll), torch.cat(kv)
-        acc = torch.stack(correct).float().mean().item()
-        note = f", answer accuracy {acc:.3f} ({len(episodes)} episodes)"
+        # the episodes one after another as one stream through one cache, so after the first the cache works in
+        # its steady state (evicting), as in a long stream; answer j of episode i is predicted at i·n + answers()[j]
+        nll, kv, pred = stream_nll(model, episodes.flatten(), new_cache(), device)
+        at = (torch.arange(len(episodes))[:, None] * episodes.shape[1] + val.answers()[None]).flatten()
+        acc = (pred[at] == episodes.flatten()[at + 1]).float().mean().item()
+        note = f", answer accuracy {acc:.3f} ({len(episodes)} episodes in one stream)"
     else:
         stream = torch.from_numpy(np.tile(data["val"], cfg.stream_repeat).astype(np.int64))
         nll, kv, _ = stream_nll(model, stream[:cfg.stream_tokens or len(stream)], new_cache(), device)

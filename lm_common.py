@@ -31,7 +31,7 @@ GPT_KEYS = ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "block_siz
             "attn_score")
 MOE_KEYS = ("ffn", "n_experts", "pool_size", "pool_groups", "top_k", "router", "expert_split", "n_shared")
 MODEL_KEYS = ("dataset",) + GPT_KEYS + MOE_KEYS    # what a checkpoint's weights depend on
-RECALL_KEYS = ("recall_pairs", "recall_queries", "recall_keys", "recall_values")
+RECALL_KEYS = ("recall_pairs", "recall_queries", "recall_keys", "recall_values", "recall_filler")
 
 
 # ----------------------------------------------------------------------------- data
@@ -126,17 +126,28 @@ def prepare_data(cfg):
 def recall_data(cfg):
     """The recall task's splits: training episodes drawn from the batch generator, 2048 fixed validation episodes
     (the same for every seed, so runs compare on one set)."""
-    n = episode_length(cfg.recall_pairs, cfg.recall_queries)
+    n = episode_length(cfg.recall_pairs, cfg.recall_queries, cfg.recall_filler)
     if cfg.block_size != n - 1:
-        raise UserError(f"--dataset=recall with {cfg.recall_pairs} pairs and {cfg.recall_queries} queries makes "
-                        f"episodes of {n} tokens: use --block_size={n - 1}")
+        raise UserError(f"--dataset=recall with {cfg.recall_filler} filler, {cfg.recall_pairs} pairs and "
+                        f"{cfg.recall_queries} queries makes episodes of {n} tokens: use --block_size={n - 1}")
+    if not 1 <= cfg.recall_far < cfg.block_size:
+        raise UserError(f"--recall_far={cfg.recall_far} must be in 1..{cfg.block_size - 1} (the episode has {n} "
+                        f"tokens)")
     try:
-        args = (cfg.recall_pairs, cfg.recall_queries, cfg.recall_keys, cfg.recall_values)
+        args = (cfg.recall_pairs, cfg.recall_queries, cfg.recall_keys, cfg.recall_values, cfg.recall_filler)
         train = RecallData(*args, answers_only=cfg.recall_targets == "answers")
         val = RecallData(*args, seed=0, n_fixed=2048, answers_only=cfg.recall_targets == "answers")
     except ValueError as e:
         raise UserError(str(e)) from None
     return {"train": train, "val": val}, Tokenizer("recall", train.chars)
+
+
+def check_recall_sinks(filler, n_init, flag):
+    """On the recall task the a sink tokens must be filler, or every pattern would see a segment for free."""
+    if filler < n_init:
+        raise UserError(f"--n_init={n_init} sinks with {flag} would hold a segment of the recall episode, which opens "
+                        f"with only {filler} filler tokens: use --recall_filler={n_init} (train_lm.py) or a smaller "
+                        f"--n_init")
 
 
 def save_atomic_bytes(blob, path):
@@ -233,8 +244,11 @@ def check_sparse_windows(cfg, mask_kind):
         raise UserError(f"--layer_windows={cfg.layer_windows} makes every layer full attention; use --attn_mask=full")
     if all(w == 0 or w >= cfg.block_size for w in windows):
         raise UserError(f"the window {max(windows)} covers the whole context block_size={cfg.block_size}, so "
-                        f"--attn_mask/--eval_mask={mask_kind} would be full attention: use --block_size larger than "
-                        f"the window (e.g. --block_size={4 * max(windows)}) or a smaller --n_local")
+                        f"--attn_mask/--eval_mask={mask_kind} would be full attention: " + (
+                            "use a smaller --n_local, or longer recall episodes (more --recall_pairs or "
+                            "--recall_queries, with the --block_size they make)" if cfg.dataset == "recall" else
+                            f"use --block_size larger than the window (e.g. --block_size={4 * max(windows)}) or a "
+                            f"smaller --n_local"))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -260,8 +274,8 @@ def estimate_loss(model, data, cfg, device, autocast, patterns=lambda x: None):
 @torch.no_grad()
 def recall_eval(model, val, cfg, device, autocast, masks=lambda x: None):
     """Answer accuracy (exact match of the greedy answer) on the fixed validation episodes of --dataset=recall:
-    overall, for "far" queries (the queried value lies outside the local window n_local and outside the n_init
-    sinks, so a window-only pattern cannot see it), per query of the episode (1st, 2nd, ...) and by distance from
+    overall, for "far" answers (the nearest earlier copy of the value lies >= recall_far tokens back: one threshold
+    for every run, beyond the largest window compared, so a window-only pattern cannot read it directly), per query of the episode (1st, 2nd, ...) and by distance from
     the query to the segment's separator."""
     model.eval()
     correct, dist = [], []
@@ -275,8 +289,7 @@ def recall_eval(model, val, cfg, device, autocast, masks=lambda x: None):
         dist.append(d)
     model.train()
     c, d = torch.cat(correct), torch.cat(dist)
-    value_pos = val.answers()[None] - d - 1
-    far = (d + 1 >= cfg.n_local) & (value_pos >= cfg.n_init)
+    far = d >= cfg.recall_far
     return {"answer_acc": c.float().mean().item(),
             "answer_acc_far": c[far].float().mean().item() if far.any() else float("nan"),
             "answer_acc_by_query": c.float().mean(0).tolist(),
@@ -345,15 +358,16 @@ def check_train_flags(cfg):
         (("top_k", "router", "expert_split", "n_shared", "bias_rate", "aux_loss", "zloss_coef"), moe,
          "--ffn=moe or --ffn=unipool (not --ffn=dense)"),
         (("aux_coef",), moe and cfg.aux_loss != "none", "--ffn=moe or unipool and an --aux_loss other than none"),
-        # recall_eval's "far" queries are measured against a and w, so they count there under full attention too
-        (("n_init", "n_local"), sparse or recall, "--attn_mask=sepllm, streaming or fixed (not --attn_mask=full)"),
+        (("n_init", "n_local"), sparse, "--attn_mask=sepllm, streaming or fixed (not --attn_mask=full)"),
         (("layer_windows",), sparse, "--attn_mask=sepllm, streaming or fixed (not --attn_mask=full)"),
-        (RECALL_KEYS + ("recall_targets",), recall, f"--dataset=recall (not --dataset={cfg.dataset})"),
+        (RECALL_KEYS + ("recall_targets", "recall_far"), recall, f"--dataset=recall (not --dataset={cfg.dataset})"),
         (("data_dir", "cache_dir"), not recall, "--dataset=shakespeare_char or shakespeare (recall is generated)"),
         (("kernels",), sparse or moe, "a sparse --attn_mask or --ffn=moe / unipool (the ops kernels/ implements)"),
         (("init_std",), not cfg.init_from, "a fresh model (--init_from loads the weights)")])
     layer_windows(cfg)
     check_sparse_windows(cfg, cfg.attn_mask)
+    if sparse and recall:
+        check_recall_sinks(cfg.recall_filler, cfg.n_init, f"--attn_mask={cfg.attn_mask}")
     if cfg.bias_rate < 0:
         raise UserError(f"--bias_rate={cfg.bias_rate} must be >= 0 (0 = off)")
     if sparse and cfg.dropout > 0:

@@ -99,11 +99,14 @@ class TrainConfig:
     n_init: int = 3                     # sink tokens a
     n_local: int = 64                   # local window w
     layer_windows: str = ""             # per-layer windows, e.g. 0,64,64,0 (0 = full); "" = n_local everywhere
-    # --dataset=recall (recall.py): block_size must be 3 * recall_pairs + 4 * recall_queries - 1
-    recall_pairs: int = 4               # key-value segments per episode
-    recall_queries: int = 4             # queries per episode, each about a different segment
+    # --dataset=recall (recall.py): block_size must be recall_filler + 3 * recall_pairs + 4 * recall_queries - 1
+    recall_pairs: int = 4               # key-value segments per episode (distinct keys)
+    recall_queries: int = 4             # queries per episode, each about a segment drawn with replacement
     recall_keys: int = 8                # key alphabet
     recall_values: int = 8              # value alphabet
+    recall_filler: int = 3              # filler tokens opening each episode (>= n_init: the sinks hold no segment)
+    recall_far: int = 8                 # an answer is "far" when its value lies >= this many tokens back: one
+    #                                     threshold for every run, set it beyond the largest window compared
     recall_targets: str = "all"         # all: loss on every next token | answers: on the answers only
 
 

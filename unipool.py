@@ -20,8 +20,9 @@ Variants: grouped pools (every G adjacent layers share a pool), reduced pools (M
 
 Dispatch: the T·k (token, expert) assignments are sorted by expert so each expert multiplies one contiguous
 block of rows (a grouped matmul: kernels/moe.py, Triton on GPU, torch._grouped_mm on CPU); pairs whose gate is
-exactly zero (NormRouter: fewer than k positive scores) sort last, past every expert: they are neither
-computed nor counted in the load. Outputs are un-sorted with a gather and summed over k through a view, so the
+exactly zero (NormRouter: fewer than k positive scores) sort last, past every expert: they are not computed
+(a speed choice), but the load counts f still count them, as the official code does (its routing map is every
+top-k pick, whatever the score). Outputs are un-sorted with a gather and summed over k through a view, so the
 forward has no scatter-add with repeated indices. (The gather's backward adds each token's k rows:
 deterministic on the CPU, atomic adds on CUDA when k > 1.)
 
@@ -110,7 +111,9 @@ class MoE(nn.Module):
         y = (r.gates.to(y.dtype).unsqueeze(-1) * y).sum(1)                        # (N, d)
         if self.shared is not None:
             y = y + self.shared(h).to(y.dtype)
-        aux = {"scores": r.scores, "counts": counts, "logits": r.logits, "dropped": len(order) - offsets[-1]}
+        # f counts every top-k pick, zero-gate ones included (the official routing map); only dispatch skips them
+        picks = torch.zeros_like(counts).scatter_add_(0, r.indices.reshape(-1), torch.ones_like(order))   # (M,)
+        aux = {"scores": r.scores, "counts": picks, "logits": r.logits, "dropped": len(order) - offsets[-1]}
         return y.view(B, T, d), aux
 
 
@@ -202,14 +205,14 @@ def aux_losses(model_layers, aux, loss_kind, aux_coef, zloss_coef):
 
 def routing_stats(model_layers, aux):
     """Load statistics of one forward, per layer: coefficient of variation of the expert load (std / mean of
-    the counts, 0 = perfectly balanced), dead experts (no token), the share of (token, expert) pairs dropped for
-    a zero gate; per pool: its coverage, the share of its experts that at least one of its layers used."""
+    the counts of top-k picks, 0 = perfectly balanced), dead experts (never picked), the share of the picks dropped
+    from the dispatch for a zero gate; per pool: its coverage, the share of its experts that at least one of its layers used."""
     cv, dead, dropped, used = [], [], [], {}
     for layer, c, n_drop in zip(model_layers, aux["counts"], aux["dropped"]):
         c = c.float()
         cv.append((c.std(unbiased=False) / c.mean().clamp_min(1e-9)).item())
         dead.append(int((c == 0).sum()))
-        dropped.append(float(n_drop) / max(1.0, c.sum().item() + float(n_drop)))
+        dropped.append(float(n_drop) / max(1.0, c.sum().item()))         # c counts the dropped picks too
         used[id(layer.pool)] = used.get(id(layer.pool), torch.zeros_like(c, dtype=torch.bool)) | (c > 0)
     return {"load_cv": cv, "dead_experts": dead, "dropped": dropped,
             "pool_coverage": [u.float().mean().item() for u in used.values()]}

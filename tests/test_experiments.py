@@ -143,30 +143,31 @@ def test_unknown_table_and_flags_are_one_clear_error(tmp_path):
 def test_a_table_runs_its_scripts_then_resumes(tmp_path, monkeypatch, capsys):
     """A two-run table through the real scripts: a tiny recall run and a training-free mask on its checkpoint,
     read back through eval_lm.py's --out_json; a second call runs nothing; a failing run is one clear error."""
-    tiny = ["--dataset=recall", "--block_size=27", "--recall_targets=answers", "--n_layer=1", "--n_embd=32",
-            "--n_head=2", "--max_iters=4", "--eval_iters=2", "--n_init=3", "--n_local=4"]
-    runs = [Run("full", "train_lm.py", tiny, data=False),
-            Run("free_sepllm", "eval_lm.py", ["--out_dir={dir}/full", "--eval_mask=sepllm", "--n_init=3",
-                                              "--n_local=4", "--eval_iters=2"], data=False)]
+    tiny = ["--dataset=recall", "--block_size=30", "--recall_targets=answers", "--n_layer=1", "--n_embd=32",
+            "--n_head=2", "--max_iters=4", "--eval_iters=2"]
+    runs = [Run("full_s1337", "train_lm.py", tiny, data=False),
+            Run("free_sepllm_s1337", "eval_lm.py", ["--out_dir={dir}/full_s1337", "--eval_mask=sepllm", "--n_init=3",
+                                                    "--n_local=4", "--eval_iters=2"], data=False)]
     monkeypatch.setitem(TABLES, "tiny", Table("a test", "", "", lambda quick: runs, experiments.recall_show, "-"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     experiments.main(["tiny", f"--out_dir={tmp_path}"])
     text = capsys.readouterr().out
-    s = json.load(open(tmp_path / "tiny" / "free_sepllm" / "summary.json"))
+    s = json.load(open(tmp_path / "tiny" / "free_sepllm_s1337" / "summary.json"))
     assert f"val loss {s['val_loss']:.4f}, kept fraction {s['kept_fraction']:.3f}" in text   # what eval_lm printed
     by_query = s["val_answer_acc_by_query"]
     assert len(by_query) == 4 and abs(sum(by_query) / 4 - s["val_answer_acc"]) < 1e-6
-    assert (f"| SepLLM mask on the full checkpoint, training-free | {s['kept_fraction']:.3f} | "
-            f"{s['val_answer_acc']:.3f} | {by_query[0]:.3f} | {by_query[3]:.3f} |") in text
-    assert os.path.exists(tmp_path / "tiny" / "full" / "log.txt")
+    assert (f"| SepLLM mask on the full checkpoint, training-free | {s['kept_fraction']:.4f} | "
+            f"{s['val_answer_acc']:.4f} | {s['val_answer_acc_far']:.4f} | {by_query[0]:.4f} | {by_query[3]:.4f} |"
+            ) in text
+    assert os.path.exists(tmp_path / "tiny" / "full_s1337" / "log.txt")
 
     experiments.main(["tiny", f"--out_dir={tmp_path}"])
     assert capsys.readouterr().out.count("not run again") == 2
 
-    os.remove(tmp_path / "tiny" / "full" / "summary.json")        # an unfinished run (its checkpoints are there)
+    os.remove(tmp_path / "tiny" / "full_s1337" / "summary.json")  # an unfinished run (its checkpoints are there)
     experiments.main(["tiny", f"--out_dir={tmp_path}"])            # starts over: the script would refuse the folder
     assert capsys.readouterr().out.count("not run again") == 1
-    assert os.path.exists(tmp_path / "tiny" / "full" / "summary.json")
+    assert os.path.exists(tmp_path / "tiny" / "full_s1337" / "summary.json")
 
     runs.append(Run("bad", "train_lm.py", ["--max_iters=0"]))
     with pytest.raises(UserError, match="bad failed .exit 2; its output is in .*bad/log.txt"):

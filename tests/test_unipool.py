@@ -139,7 +139,7 @@ def test_moe_output_equals_naive_per_token_loop(router, k):
         for g, e in zip(r.gates[t], r.indices[t]):
             expect[t] += g * ((F.silu(h @ p.w1[e]) * (h @ p.w3[e])) @ p.w2[e])
     torch.testing.assert_close(y.reshape(-1, 6), expect, rtol=1e-5, atol=1e-6)
-    assert aux["counts"].tolist() == torch.bincount(r.indices[r.gates > 0], minlength=5).tolist()
+    assert aux["counts"].tolist() == torch.bincount(r.indices.flatten(), minlength=5).tolist()
 
 
 def test_grouped_mm_and_sorting_with_empty_experts():
@@ -195,7 +195,7 @@ def test_routing_runs_in_fp32_under_autocast(make):
     torch.testing.assert_close(got.logits, z, rtol=1e-5, atol=1e-6)
 
 
-def test_zero_gate_assignments_are_not_dispatched_nor_counted():
+def test_zero_gate_assignments_are_not_dispatched_but_counted_in_f():
     torch.manual_seed(0)
     layer = build_moe_layers("unipool", 1, 6, 8, n_experts=8, top_k=2, router="norm")[0]
     x = torch.randn(1, 40, 6)
@@ -208,9 +208,18 @@ def test_zero_gate_assignments_are_not_dispatched_nor_counted():
     positive = r.gates > 0
     assert 0 < (~positive).sum() < positive.numel()
     y, aux = layer(x)
-    # counts hold only the positive-gate pairs
-    expect_counts = torch.bincount(r.indices[positive], minlength=8)
-    assert aux["counts"].tolist() == expect_counts.tolist()
+    # counts (f of the auxiliary losses) hold every top-k pick, zero gates included, as the official routing map:
+    # a loop over the tokens and their k picks
+    expect_counts = [0] * 8
+    for t in range(40):
+        for e in r.indices[t].tolist():
+            expect_counts[e] += 1
+    assert aux["counts"].tolist() == expect_counts
+    assert aux["dropped"] == (~positive).sum()
+    # so the pool loss's f is the official one: f_i = picks of i / (T·k)
+    f_bar = torch.tensor(expect_counts, dtype=torch.float) / (40 * 2)
+    expect_loss = 8 * (f_bar * r.scores.float().mean(0)).sum()
+    torch.testing.assert_close(pool_loss([r.scores], [aux["counts"]], 2), expect_loss)
     # an expert that would return NaN is never run for a zero-gate pair (0 · NaN would poison the output)
     p = layer.pool
     with torch.no_grad():
@@ -231,7 +240,7 @@ def test_all_negative_logits_dispatch_nothing():
     with torch.no_grad():
         layer.router.W.weight.fill_(-1.0)
     _, aux = layer(torch.ones(1, 5, 3))
-    assert aux["counts"].sum() == 0
+    assert aux["dropped"] == 10 and aux["counts"].sum() == 10    # none dispatched, every pick counted in f
 
 
 @pytest.mark.parametrize("M, k, ref", [(96, 1, 4.016), (32, 4, 1.771), (16, 2, 1.918), (128, 1, 4.448)])
@@ -421,11 +430,11 @@ def test_balancing_bias_update_rule_and_that_it_balances():
 def test_routing_stats_by_hand():
     layers = build_moe_layers("unipool", 4, 8, 16, n_experts=1, pool_size=8, pool_groups=2, top_k=1)
     counts = [torch.tensor(c) for c in ([4, 0, 0, 0], [0, 4, 0, 0], [1, 1, 1, 1], [2, 2, 0, 0])]
-    stats = routing_stats(layers, {"counts": counts, "dropped": [torch.tensor(0), torch.tensor(4), 0, 0]})
+    stats = routing_stats(layers, {"counts": counts, "dropped": [torch.tensor(0), torch.tensor(2), 0, 0]})
     # cv = std/mean: [4,0,0,0] -> sqrt(3); [1,1,1,1] -> 0; [2,2,0,0] -> 1
     assert [round(v, 6) for v in stats["load_cv"]] == [round(math.sqrt(3), 6)] * 2 + [0.0, 1.0]
     assert stats["dead_experts"] == [3, 3, 0, 2]
-    assert stats["dropped"] == [0.0, 0.5, 0.0, 0.0]
+    assert stats["dropped"] == [0.0, 0.5, 0.0, 0.0]    # 2 of the 4 picks of layer 1 (counts include them)
     assert stats["pool_coverage"] == [0.5, 1.0]  # pool A: experts 0 and 1 used; pool B: all four
 
 
