@@ -6,6 +6,7 @@ Figures of what the runs already wrote (metrics.jsonl, summary.json, scores.npz)
     python plot.py mask --text="One clause, then another. Done!" --out=mask.png   # SepLLM / StreamingLLM / FixLLM
     python plot.py pruning RUN_DIR [RUN_DIR ...] --out=pruning.png   # train_rec.py --method=lightgnn (and controls)
     python plot.py unlearning RUN_DIR --out=unlearning.png           # train_rec.py --method=unlearnrec
+    python plot.py recall RUN_DIR [RUN_DIR ...] --out=recall.png     # train_lm.py --dataset=recall
 
 What each kind reads:
 - loss: metrics.jsonl; evaluation lines (train_loss, val_loss) against iterations, and against training seconds,
@@ -16,6 +17,7 @@ What each kind reads:
 - mask: no run. sepllm.py's rule (1) on --text, split by --tokenizer (gpt2: tiktoken's r50k_base).
 - pruning: summary.json's rounds: Recall@topk of the --split against the share of edges each student round kept,
   the teacher as a horizontal line.
+- recall: metrics.jsonl; the evaluations' answer accuracy (all answers, and the far ones) against iterations.
 - unlearning: scores.npz (up to 2000 scores per kind) and summary.json: per model of request --step, histograms of
   the scores of the forgotten edges, of the same users' held-out interactions and of never-seen pairs.
 Runs are labelled by --labels=a,b,c, else by the config keys that differ between the runs given (their
@@ -150,6 +152,32 @@ def draw_loss(plt, runs, cfg):
             ax.plot(x, train, color=f"C{n}", ls="--", lw=1)
     axes[0].set(xlabel="iteration", ylabel="loss", title="val (solid) and train (dashed) loss")
     axes[1].set(xlabel="training seconds (evaluation excluded)", title="the same against time")
+    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return fig
+
+
+RECALL_NEED = "plot.py recall needs a train_lm.py --dataset=recall run folder"
+
+
+def recall_curves(run):
+    """A recall run's evaluations -> iterations, answer accuracy, far-answer accuracy (arrays)."""
+    evals = sorted({r["iter"]: r for r in read_metrics(run, RECALL_NEED) if "val_answer_acc" in r}.items())
+    if not evals:
+        raise UserError(f"{run}/metrics.jsonl has no answer accuracy (val_answer_acc): {RECALL_NEED}")
+    return (np.array([i for i, _ in evals]), np.array([r["val_answer_acc"] for _, r in evals]),
+            np.array([r["val_answer_acc_far"] for _, r in evals]))
+
+
+def draw_recall(plt, runs, cfg):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, layout="constrained")
+    for n, (run, label) in enumerate(zip(runs, labels(runs, cfg.labels))):
+        it, acc, far = recall_curves(run)
+        axes[0].plot(it, acc, color=f"C{n}", label=label)
+        axes[1].plot(it, far, color=f"C{n}", label=label)
+    axes[0].set(xlabel="iteration", ylabel="validation answer accuracy", title="every answer")
+    axes[1].set(xlabel="iteration", title="far answers (value beyond every window)")
     axes[0].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -296,7 +324,7 @@ def draw_unlearning(plt, runs, cfg):
 
 
 DRAW = {"loss": draw_loss, "routing": draw_routing, "mask": draw_mask, "pruning": draw_pruning,
-        "unlearning": draw_unlearning}
+        "unlearning": draw_unlearning, "recall": draw_recall}
 
 
 def main(argv=None):

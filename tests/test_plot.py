@@ -57,6 +57,22 @@ def lm_run(folder, ffn="dense", L=2, E=4, pool_groups=1, iters=(0, 10, 20), log_
     return write_run(folder, records, summary)
 
 
+def recall_run(folder):
+    """train_lm.py --dataset=recall's evaluation lines (answer accuracy, far answers) and progress lines."""
+    ev = lambda it, acc, far: {"iter": it, "train_loss": 1.0, "val_loss": 1.0, "val_answer_acc": acc,
+                               "val_answer_acc_far": far, "val_answer_acc_by_query": [acc] * 4}
+    records = [ev(0, 0.0, 0.0), {"iter": 1, "loss": 1.0, "ms_per_iter": 5.0}, ev(10, 0.5, 0.25), ev(20, 0.9, 0.75),
+               ev(20, 1.0, 1.0)]                             # a resumed run repeats an iteration: the last wins
+    return write_run(folder, records, {"config": asdict(TrainConfig(dataset="recall", out_dir=str(folder)))})
+
+
+def test_recall_curves_read_the_evaluations(tmp_path):
+    it, acc, far = plot.recall_curves(recall_run(tmp_path / "r"))
+    assert it.tolist() == [0, 10, 20] and acc.tolist() == [0.0, 0.5, 1.0] and far.tolist() == [0.0, 0.25, 1.0]
+    with pytest.raises(UserError, match="no answer accuracy"):
+        plot.recall_curves(lm_run(tmp_path / "not_recall"))
+
+
 def metrics(recall, ndcg):
     return {"recall@20": recall, "ndcg@20": ndcg}
 
@@ -101,6 +117,7 @@ def test_every_kind_writes_a_small_png(tmp_path, mpl):
     draws(tmp_path, "pruning", lightgnn_run(tmp_path / "lg"), lightgnn_run(tmp_path / "random", prune="random"),
           lightgnn_run(tmp_path / "nokd", kd_pred=0.0, kd_emb=0.0))
     draws(tmp_path, "unlearning", unlearn_run(tmp_path / "ul"), unlearn_run(tmp_path / "ul2", models=("base", "x")))
+    draws(tmp_path, "recall", recall_run(tmp_path / "rc"), recall_run(tmp_path / "rc2"))
 
 
 def test_runs_are_labelled_by_the_flags_that_differ(tmp_path):
