@@ -401,7 +401,8 @@ def test_ctrl_c_is_one_line_and_the_printed_command_resumes_exactly(data_dir):
     assert stderr.strip() == f"interrupted: nothing new was saved; continue with: {hint}", stderr
     saved = torch.load(out / "ckpt_last.pt", weights_only=True)["iter"]
     assert 20 <= saved < 300
-    r = subprocess.run(hint.split(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    python, *args = hint.split()                # the printed command, run by this interpreter (python may be another)
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"resuming from {out}/ckpt_last.pt at iter {saved}" in r.stdout, r.stderr
     r = run([f"--out_dir={data_dir / 'whole'}", *flags], data_dir)
     assert r.returncode == 0, r.stderr
