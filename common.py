@@ -13,7 +13,6 @@ import sys
 import tempfile
 import urllib.request
 
-import numpy as np
 import torch
 
 
@@ -211,12 +210,14 @@ def download(url, dest, sha256, timeout=30):
             os.remove(tmp)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+def save_atomic(obj, path, save=torch.save):
+    """save(obj, file) (torch.save; or e.g. lambda a, f: np.savez(f, **a)) into a temp file in the same folder,
+    then rename: a crash never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            save(obj, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -266,13 +267,6 @@ def drop_records_after(path, key, last):
         kept = [line for line in f if json.loads(line)[key] <= last]
     with open(path, "w") as f:
         f.writelines(kept)
-
-
-def save_npz_atomic(path, arrays):
-    """np.savez of a dict of arrays to a temp file, then rename."""
-    with open(path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(path + ".tmp", path)
 
 
 def append_jsonl(path, record):

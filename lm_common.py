@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from common import UserError, download, refuse_unused, sha256_of, write_json
+from common import UserError, download, refuse_unused, save_atomic, sha256_of, write_json
 from gpt import GPT, GPTConfig, ffn_hidden_size
 from kernels import set_backend
 from recall import RecallData, answer_accuracy, episode_length
@@ -111,7 +111,8 @@ def prepare_data(cfg):
         n = int(0.9 * len(text))
         os.makedirs(out, exist_ok=True)
         for split, part in (("train", text[:n]), ("val", text[n:])):
-            save_atomic_bytes(np.array(tok.encode(part), dtype=np.uint16).tobytes(), os.path.join(out, f"{split}.bin"))
+            save_atomic(np.array(tok.encode(part), dtype=np.uint16).tobytes(), os.path.join(out, f"{split}.bin"),
+                        save=lambda b, f: f.write(b))
         write_json(meta_path, {"dataset": cfg.dataset, "vocab_size": tok.vocab_size, "chars": chars, "source": path})
     with open(meta_path) as f:
         meta = json.load(f)
@@ -148,12 +149,6 @@ def check_recall_sinks(filler, n_init, flag):
         raise UserError(f"--n_init={n_init} sinks with {flag} would hold a segment of the recall episode, which opens "
                         f"with only {filler} filler tokens: use --recall_filler={n_init} (train_lm.py) or a smaller "
                         f"--n_init")
-
-
-def save_atomic_bytes(blob, path):
-    with open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(path + ".tmp", path)
 
 
 def get_batch(data, n_seq, block_size, gen):
@@ -275,8 +270,8 @@ def estimate_loss(model, data, cfg, device, autocast, patterns=lambda x: None):
 def recall_eval(model, val, cfg, device, autocast, masks=lambda x: None):
     """Answer accuracy (exact match of the greedy answer) on the fixed validation episodes of --dataset=recall:
     overall, for "far" answers (the nearest earlier copy of the value lies >= recall_far tokens back: one threshold
-    for every run, beyond the largest window compared, so a window-only pattern cannot read it directly), per query of the episode (1st, 2nd, ...) and by distance from
-    the query to the segment's separator."""
+    for every run, beyond the largest window compared, so a window-only pattern cannot read it directly), per query
+    of the episode (1st, 2nd, ...) and by that distance (RecallData.answer_distance)."""
     model.eval()
     correct, dist = [], []
     for b in range(0, len(val.fixed), 256):

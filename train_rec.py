@@ -22,7 +22,7 @@ import torch
 
 from common import (UserError, append_jsonl, drop_records_after, fmt_seconds, load_checkpoint, on_interrupt,
                     parse_flags, pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic,
-                    save_npz_atomic, write_json)
+                    write_json)
 from lightgcn import Graph, LightGCN, NegativeSampler, Stage, bpr_loss, evaluate
 import lightgnn
 from rec_common import (DATA_KEYS, check_flags, check_inputs_kept, check_requests, load_data, saved_base, saved_encoder,
@@ -307,7 +307,7 @@ def train_unlearnrec(cfg, data, device):
     # the score samples of each step and model go to scores.npz (plot.py unlearning), the rest to summary.json
     samples = {f"{k + 1}/{r['model']}/{kind}": s for k, step in enumerate(out["steps"]) for r in step["rows"]
                for kind, s in r.pop("scores").items()}
-    save_npz_atomic(os.path.join(cfg.out_dir, "scores.npz"), samples)
+    save_atomic(samples, os.path.join(cfg.out_dir, "scores.npz"), save=lambda a, f: np.savez(f, **a))
     write_json(os.path.join(cfg.out_dir, "summary.json"),
                {"steps": out["steps"], "times": times, "config": asdict(cfg)})
 
