@@ -9,8 +9,10 @@ import difflib
 import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import urllib.request
 
 import torch
@@ -210,15 +212,33 @@ def download(url, dest, sha256, timeout=30):
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def interrupt_after():
+    """Ctrl-C inside the block takes effect when the block ends. (A KeyboardInterrupt raised inside torch.save's
+    writer gets through as a RuntimeError, or aborts the process: not the one-line exit of run_main.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if caught:
+            signal.raise_signal(signal.SIGINT)     # delivered now, to the handler the block found
+
+
 def save_atomic(obj, path, save=torch.save):
     """save(obj, file) (torch.save; or e.g. lambda a, f: np.savez(f, **a)) into a temp file in the same folder,
-    then rename: a crash never leaves a half-written file."""
+    then rename: a crash never leaves a half-written file, and Ctrl-C waits for the file to be whole."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     os.close(fd)
     try:
-        with open(tmp, "wb") as f:
-            save(obj, f)
-        os.replace(tmp, path)
+        with interrupt_after():
+            with open(tmp, "wb") as f:
+                save(obj, f)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

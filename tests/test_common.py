@@ -66,6 +66,31 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert p.stderr.strip() == "interrupted: nothing new was saved; continue with --resume"
 
 
+def test_ctrl_c_while_a_checkpoint_is_written_keeps_it_whole_then_exits_130(tmp_path):
+    """Ctrl-C arriving inside torch.save's writer (here: at its second write) waits for the file: the checkpoint is
+    whole and loads, and the run exits with run_main's one line, not a RuntimeError or an abort."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import os, signal, torch, common\n"
+        "class InterruptOnSecondWrite:\n"
+        "    def __init__(self, f): self.f, self.n = f, 0\n"
+        "    def write(self, b):\n"
+        "        self.n += 1\n"
+        "        if self.n == 2: os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return self.f.write(b)\n"
+        "    def flush(self): self.f.flush()\n"
+        "def main():\n"
+        "    common.save_atomic({'w': torch.arange(100000.0)}, 'ckpt.pt',\n"
+        "                       save=lambda o, f: torch.save(o, InterruptOnSecondWrite(f)))\n"
+        "    print('not interrupted')\n"
+        "common.run_main(main)\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert (p.returncode, p.stdout, p.stderr.strip()) == (130, "", "interrupted: nothing new was saved")
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt", weights_only=True)["w"], torch.arange(100000.0))
+    assert [f.name for f in tmp_path.iterdir() if f.suffix == ".tmp"] == []
+
+
 def test_resumed_run_is_never_an_overwrite():
     """A run started with --overwrite saves overwrite=True; resuming it must not replace it again."""
     saved = {"max_iters": 10, "lr": 1e-3, "out_dir": "run", "log_interval": 5, "resume": False, "overwrite": True}
