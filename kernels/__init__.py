@@ -10,6 +10,7 @@ an interpreted twin of the kernel for CPU tensors. The interpreter computes fp32
 wrongly, so CPU tensors in bf16 are refused with one clear error.
 """
 import contextlib
+import inspect
 import sys
 
 import torch
@@ -65,6 +66,24 @@ def _interpreting(module):
         for m, name, compiled, _ in swaps:
             setattr(m, name, compiled)
 
+
+def _interpreter_takes_loop_bounds():
+    """Triton's interpreter holds a scalar as a 1-element numpy array; up to Triton 3.6 it made a loop bound of one
+    with int(array), which numpy >= 2.4 refuses (`range(0, K, BLOCK_K)` fails). Newer Triton squeezes the array
+    first: do the same for an older one."""
+    from triton.runtime import interpreter
+    patch_tensor = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(patch_tensor):
+        return
+
+    def patch_tensor_squeezing(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    interpreter._patch_lang_tensor = patch_tensor_squeezing
+
+
+if triton is not None:
+    _interpreter_takes_loop_bounds()
 
 _precompiling = False
 
