@@ -299,12 +299,13 @@ def draw_unlearning(plt, runs, cfg):
         path = os.path.join(run, "scores.npz")
         if not os.path.exists(path):
             raise UserError(f"{path} not found: {need} (runs made before the scores were saved lack it)")
+        rows = [r for r in steps[cfg.step - 1]["rows"] if " @ " not in r["model"]]   # the smaller budgets: table only
         with np.load(path) as z:
-            if any(f"{cfg.step}/{r['model']}/forgotten" not in z for r in steps[cfg.step - 1]["rows"]):
+            if any(f"{cfg.step}/{r['model']}/forgotten" not in z for r in rows):
                 raise UserError(f"{path} lacks the scores of request {cfg.step}: it is not from the run of "
                                 f"{run}/summary.json; re-run that run")
             panels.append([(r, {k: z[f"{cfg.step}/{r['model']}/{k}"] for k in ("forgotten", "held_out", "negatives")})
-                           for r in steps[cfg.step - 1]["rows"]])
+                           for r in rows])
     cols = max(map(len, panels))
     fig, axes = plt.subplots(len(runs), cols, figsize=(3.2 * cols, 2.8 * len(runs) + 0.4), squeeze=False,
                              layout="constrained")

@@ -84,10 +84,10 @@ def check_flags(cfg):
             raise UserError(f"unknown --{key}={getattr(cfg, key)}; use one of {', '.join(allowed)}")
     for k in ("dim", "batch_size", "epochs", "topk", "eval_every", "patience", "eval_batch", "teacher_layers",
               "mid_layers", "mid_epochs", "student_layers", "round_epochs", "kd_nodes", "kd_triples", "align_pairs",
-              "redraw_every", "finetune_epochs", "sequence"):
+              "redraw_every", "sequence"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)} must be >= 1")
-    for k in ("n_layers", "rounds", "mid_topk", "pre_epochs", "enc_layers"):
+    for k in ("n_layers", "rounds", "mid_topk", "pre_epochs", "enc_layers", "finetune_epochs"):
         if getattr(cfg, k) < 0:
             raise UserError(f"--{k}={getattr(cfg, k)} must be >= 0")
     if not (0 <= cfg.rho < 1 and 0 <= cfg.rho_emb < 1 and 0 < cfg.pre_frac < 1 and 0 < cfg.graph_edges <= 1):

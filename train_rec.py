@@ -23,7 +23,7 @@ import torch
 from common import (UserError, append_jsonl, drop_records_after, fmt_seconds, load_checkpoint, on_interrupt,
                     parse_flags, pick_device, prepare_out_dir, resume_from, resumed_config, run_main, save_atomic,
                     write_json)
-from lightgcn import Graph, LightGCN, NegativeSampler, Stage, bpr_loss, evaluate
+from lightgcn import DataError, Graph, LightGCN, NegativeSampler, Stage, bpr_loss, evaluate
 import lightgnn
 from rec_common import (DATA_KEYS, check_flags, check_inputs_kept, check_requests, load_data, saved_base, saved_encoder,
                         saved_intermediate, saved_teacher)
@@ -294,8 +294,11 @@ def train_unlearnrec(cfg, data, device):
         val, test = report(cfg, data_i, E_user, E_item)
         return {"val": val, "test": test}
 
-    out = unlearn_pipeline(cfg, data, base, base_seconds, base_cfg.self_loops, stage_fit(cfg), train_base,
-                           report_rows, encoder_state)          # (--forget was checked by check_requests)
+    try:                                                        # (--forget was checked by check_requests)
+        out = unlearn_pipeline(cfg, data, base, base_seconds, base_cfg.self_loops, stage_fit(cfg), train_base,
+                               report_rows, encoder_state)
+    except DataError as e:                                      # e.g. no user of the request has test items
+        raise UserError(str(e)) from None
     if not cfg.encoder:
         save_atomic({"model": out["encoder_pretrained"], "pretrained_on": pretrained_on, "config": asdict(cfg)},
                     os.path.join(cfg.out_dir, "encoder_pretrained.pt"))

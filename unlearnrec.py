@@ -33,10 +33,15 @@ request's neighbourhood (the MLP's bias still shifts every node). The paper's te
 README measures both. The encoder has its own depth L (enc_layers, 3 by default), so a base without propagation
 (matrix factorisation) still gets a request-aware encoder. The SSL term's 95 % graph is drawn once per
 fine-tuning call, not per step; L_align uses at most `align_pairs` pairs of a batch. Sequential requests each
-start from the pre-trained encoder.
+start from the pre-trained encoder and add only what the request changes: the request-independent part
+Δ(∅) = MLP(code of no request) (MLP(H0) with h0_all) is in the previous request's E0' already, so request k > 1
+gives E0'_k = E0'_{k-1} + Δ(request k) − Δ(∅); two empty requests leave the embeddings as they are.
+Fine-tuning budgets: the pipeline also scores each method after 0 steps, 1 step and every whole epoch before
+the last (snapshots of one fine-tuning; UnlearnRec and fine-tune-only get the same seed: the same batches).
 
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 --dataset=ml-1m --data_dir=DIR
 """
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -130,6 +135,7 @@ class InfluenceEncoder(nn.Module):
     def __init__(self, n_nodes, dim, n_layers, eta0=2e-3, omega=0.1, h0_all=True):
         super().__init__()
         self.n_layers, self.omega, self.h0_all = n_layers, omega, h0_all
+        self.chained = False    # True: E0 is an earlier request's E0', which holds Δ(∅) already
         self.H0 = nn.Parameter(torch.zeros(n_nodes, dim))
         self.eta = nn.Parameter(torch.full((n_nodes, 1), eta0))
         self.mlp = nn.Linear(dim, dim)
@@ -153,7 +159,16 @@ class InfluenceEncoder(nn.Module):
 
     def forward(self, A_delta, E0, E_L):
         # (3) Δ = MLP(−ω·W + H);   (4) E0' = E0 + Δ
-        return E0 + self.mlp(self.code(A_delta, E_L))
+        delta = self.mlp(self.code(A_delta, E_L))
+        if self.chained:
+            # E0 already holds the request-independent part, Δ(∅) = MLP(code of no request): add it only once
+            delta = delta - self.mlp(self.code_of_no_request(E_L))
+        return E0 + delta
+
+    def code_of_no_request(self, E_L):
+        """code() for an empty Â_Δ: Â_Δ^l = 0 for l >= 1, so H = H0 (h0_all) or 0, and W = 0 (or E_L ⊙ η at L = 0)."""
+        H = self.H0 if self.h0_all else torch.zeros_like(self.H0)
+        return H - self.omega * E_L * self.eta if self.n_layers == 0 else H
 
 
 class FineTuneOnly(nn.Module):
@@ -215,18 +230,42 @@ def never_seen_pairs(n, known_pairs, n_users, n_items, rng):
     return np.stack([out // n_items, out % n_items], 1)
 
 
-def membership_auc(forgotten, s_forgotten, held_out, s_held_out):
+def membership_auc(forgotten, s_forgotten, held_out, s_held_out, null_draws=0, rng=None):
     """Per user, the AUC of telling their forgotten edges (members once) from their held-out interactions (never
     members) by score; averaged over users, weighted by their forgotten edges (users without held-out items are
     left out). Per user, because users' score scales differ: pooled over users, a user with more forgotten
-    edges than held-out ones would weigh on one side only."""
-    total = weight = 0.0
-    for u in np.unique(forgotten[:, 0]):
-        h = s_held_out[held_out[:, 0] == u]
-        if len(h):
-            f = s_forgotten[forgotten[:, 0] == u]
-            total, weight = total + len(f) * auc(f, h), weight + len(f)
-    return total / weight
+    edges than held-out ones would weigh on one side only. null_draws > 0: also the SD of the same average when
+    each user's member / non-member labels are shuffled (the noise of a model whose scores carry no membership).
+    Returns the AUC, or (AUC, null SD)."""
+    user = np.concatenate([forgotten[:, 0], held_out[:, 0]])
+    score = np.concatenate([s_forgotten, s_held_out]).astype(np.float64)
+    member = np.concatenate([np.ones(len(forgotten), bool), np.zeros(len(held_out), bool)])
+    both = np.isin(user, np.intersect1d(forgotten[:, 0], held_out[:, 0]))
+    if not both.any():
+        raise DataError("no user of the unlearning request has held-out (test) interactions, so membership AUC is "
+                        "undefined: forget a larger fraction, or pairs of users with test interactions")
+    user, score, member = user[both], score[both], member[both]
+    order = np.lexsort((score, user))                                    # by user, then score
+    user, score, member = user[order], score[order], member[order]
+    # rank of each score within its user, ties averaged (ranks from 1)
+    first = np.r_[0, np.flatnonzero(np.diff(user)) + 1]                  # where each user's block starts
+    size = np.diff(np.r_[first, len(user)])
+    pos = np.arange(len(user)) - np.repeat(first, size) + 1.0
+    tie = np.r_[0, np.cumsum((np.diff(user) != 0) | (np.diff(score) != 0))]   # (user, score) groups
+    rank = (np.bincount(tie, pos) / np.bincount(tie))[tie]
+    block = np.repeat(np.arange(len(first)), size)
+
+    def average(m):
+        n_pos = np.bincount(block, m, len(first))
+        n_neg = size - n_pos
+        U = np.bincount(block, rank * m, len(first)) - n_pos * (n_pos + 1) / 2
+        return float((U / n_neg).sum() / n_pos.sum())                   # Σ_u n_pos,u · AUC_u / Σ_u n_pos,u
+    value = average(member)
+    if not null_draws:
+        return value
+    rng = rng if rng is not None else np.random.default_rng(0)
+    null = [average(member[np.lexsort((rng.random(len(user)), block))]) for _ in range(null_draws)]
+    return value, float(np.std(null))
 
 
 @torch.no_grad()
@@ -242,16 +281,20 @@ def score_report(E_user, E_item, forgotten, held_out, negatives, n_sample=2000):
         s = scores(p)
         out[name] = {"mean": float(s.mean()), **{f"q{q}": float(np.quantile(s, q / 100)) for q in (10, 50, 90)}}
         out["scores"][name] = s[np.linspace(0, len(s) - 1, min(len(s), n_sample)).astype(int)]
-    out["mia_auc"] = membership_auc(forgotten, scores(forgotten), held_out, scores(held_out))
+    out["mia_auc"], out["mia_null_sd"] = membership_auc(forgotten, scores(forgotten), held_out, scores(held_out),
+                                                        null_draws=200, rng=np.random.default_rng(0))
     return out
 
 
 # ----------------------------------------------------------------------------- pipeline (training loop passed in)
 
-def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit, cfg, name, epochs, seed):
+def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit, cfg, name, epochs, seed,
+              snapshots=()):
     """Train `corrector` (InfluenceEncoder or FineTuneOnly) to forget `requests` from the model whose layer-0 /
     final embeddings are E0 / E_L, with batches from the remaining edges train_r, through the training loop
-    fit(lightgcn.Stage) -> state. Returns (seconds, E0', E'), detached."""
+    fit(lightgcn.Stage) -> state. Returns (seconds, E0', E'), detached, after `epochs` epochs, and the same triple
+    after each number of optimizer steps in `snapshots` (0 = before training) that is below the end:
+    {steps: (seconds, E0', E')}. The same seed gives the same batches, so a snapshot is what that budget gives."""
     nu, ni, dev = data.n_users, data.n_items, E0.device
     A_delta = request_adjacency(requests, nu, ni).to(dev)
     A_r = Graph(nu, ni, train_r, self_loops).normalized().to(dev)
@@ -280,11 +323,25 @@ def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit
                                                     cfg.ssl_tau)
         return loss
 
-    # trained on L for `epochs` epochs; the last epoch is the model (no selection on validation)
-    state = fit(Stage(name, corrector, loss_fn, embed, replace(data, train=train_r), epochs, "last", seed=seed))
-    with torch.no_grad():
+    @torch.no_grad()
+    def now(seconds):
         E0p = corrector(A_delta, E0, E_L)
-        return state["train_seconds"], E0p, base.propagate(A_r, E0p)
+        return seconds, E0p, base.propagate(A_r, E0p)
+
+    taken, step, t0 = {}, 0, time.perf_counter()
+    if 0 in snapshots:
+        taken[0] = now(0.0)
+
+    def after_step():
+        nonlocal step
+        step += 1
+        if step in snapshots:
+            taken[step] = now(time.perf_counter() - t0)
+
+    # trained on L for `epochs` epochs; the last epoch is the model (no selection on validation)
+    state = fit(Stage(name, corrector, loss_fn, embed, replace(data, train=train_r), epochs, "last",
+                      after_step=after_step, seed=seed)) if epochs else {"train_seconds": 0.0}
+    return (*now(state["train_seconds"]), {k: v for k, v in taken.items() if k < step})
 
 
 def pretrain(encoder, base, E0, E_L, data, self_loops, fit, cfg, rng):
@@ -339,7 +396,7 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
 
     def row(name, data_r, E_all, seconds, requests):
         E_user, E_item = E_all.split([nu, ni])
-        held = held_out_pairs(requests, [data.val, data.test])
+        held = held_out_pairs(requests, [data.test])     # validation selected the base and retraining: not used
         negatives = never_seen_pairs(len(requests), [data_o.train, data.val, data.test], nu, ni, rng_eval)
         r = {"model": name, **report(data_r, E_user, E_item), "seconds": seconds,
              **score_report(E_user, E_item, requests, held, negatives)}
@@ -357,16 +414,26 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
         data_r = replace(data, train=train_r)
         print(f"request {k + 1}/{cfg.sequence}: unlearning {len(requests)} of {len(train)} training edges")
         rows = [row("base", data_r, E_L, base_seconds, requests)] if k == 0 else []
+        # the smaller budgets, as snapshots of the same fine-tuning: 0 steps, 1 step, each whole epoch before the last
+        per_epoch = -(-len(train_r) // cfg.batch_size)
+        budgets = {0: "0 steps", 1: "1 step", **{e * per_epoch: f"{e} epoch{'s' * (e > 1)}"
+                                                 for e in range(1, cfg.finetune_epochs)}}
+        seed = int(rng_pre.integers(2 ** 31))       # paired: both methods see the same batches and negatives
         for name, (E0_k, E_L_k) in chains.items():
             if name == "unlearnrec":
                 encoder.load_state_dict(pretrained)
+                encoder.chained = k > 0
                 corrector = encoder
             else:
                 corrector = FineTuneOnly(E0_k)
-            seconds, E0p, E = fine_tune(corrector, base, E0_k, E_L_k, requests, data, train_r, self_loops, fit, cfg,
-                                        f"{name}{k + 1}", cfg.finetune_epochs, int(rng_pre.integers(2 ** 31)))
+            seconds, E0p, E, taken = fine_tune(corrector, base, E0_k, E_L_k, requests, data, train_r, self_loops,
+                                               fit, cfg, f"{name}{k + 1}", cfg.finetune_epochs, seed, tuple(budgets))
             chains[name] = (E0p, E)
-            rows.append(row(name, data_r, E, seconds, requests))
+            for n_steps, (seconds_b, _, E_b) in taken.items():
+                rows.append({**row(f"{name} @ {budgets[n_steps]}", data_r, E_b, seconds_b, requests),
+                             "method": name, "steps": n_steps})
+            rows.append({**row(name, data_r, E, seconds, requests), "method": name,
+                         "steps": cfg.finetune_epochs * per_epoch})
         if clean is not None and np.array_equal(train_r, data.train):
             # the retrained model IS the clean base: same data, settings and seed
             rows.append(row("retrained", data_r, final(clean[0].E0, data.train), clean[1], requests))
@@ -387,7 +454,7 @@ def timings(out, K, retrain):
              for name in ("unlearnrec", "fine-tune-only", "retrained")}
     times = {"pretrain_seconds": pre, "per_request": {n: t / K for n, t in total.items()},
              "unlearnrec_amortised": (pre + total["unlearnrec"]) / K}
-    if retrain:
+    if retrain and total["unlearnrec"] > 0:           # (--finetune_epochs=0: no fine-tuning time to compare)
         times["speedup_finetune"] = total["retrained"] / total["unlearnrec"]
         times["speedup_amortised"] = total["retrained"] / (pre + total["unlearnrec"])
         print(f"{K} request(s): retraining {total['retrained']:.1f} s vs UnlearnRec {total['unlearnrec']:.1f} s "

@@ -234,6 +234,97 @@ def test_membership_auc_compares_within_users():
     assert membership_auc(forgotten, s_f, held, s_h) == pytest.approx(0.5)
     # a user without held-out interactions is left out
     assert membership_auc(np.array([[0, 1], [2, 1]]), np.array([9.0, 0.0]), held[:1], s_h[:1]) == 1.0
+    # no user with held-out interactions: one clear error, not a division by zero
+    with pytest.raises(DataError, match="no user of the unlearning request has held-out"):
+        membership_auc(np.array([[2, 1]]), np.array([9.0]), held, s_h)
+
+
+def test_membership_auc_equals_the_per_user_loop_and_its_null_sd_the_mann_whitney_variance():
+    rng = np.random.default_rng(0)
+    forgotten = np.stack([rng.integers(0, 30, 400), rng.integers(0, 50, 400)], 1)
+    held = np.stack([rng.integers(0, 35, 300), rng.integers(0, 50, 300)], 1)
+    s_f, s_h = rng.integers(0, 6, 400).astype(float), rng.integers(0, 6, 300).astype(float)   # many ties
+    total = weight = 0.0                                 # the definition, user by user
+    for u in set(forgotten[:, 0]) & set(held[:, 0]):
+        f = s_f[forgotten[:, 0] == u]
+        total, weight = total + len(f) * auc(f, s_h[held[:, 0] == u]), weight + len(f)
+    assert membership_auc(forgotten, s_f, held, s_h) == pytest.approx(total / weight, abs=1e-12)
+    # one user, no ties: with shuffled labels AUC has variance (m + n + 1) / (12 m n) (Mann-Whitney)
+    m, n = 40, 60
+    value, sd = membership_auc(np.zeros((m, 2), int), rng.random(m), np.zeros((n, 2), int), rng.random(n),
+                               null_draws=4000, rng=np.random.default_rng(1))
+    assert sd == pytest.approx(((m + n + 1) / (12 * m * n)) ** 0.5, rel=0.05)
+
+
+def test_chained_encoder_adds_no_request_independent_offset_again():
+    """After a first request, E0 already holds Δ(∅); a chained encoder on an empty request returns E0 exactly, and
+    code_of_no_request is code() on an empty Â_Δ, for both l = 0 choices and an encoder of depth 0."""
+    g = torch.Generator().manual_seed(0)
+    E0, E_L = torch.randn(NU + NI, 16, generator=g), torch.randn(NU + NI, 16, generator=g)
+    empty = request_adjacency(EDGES[:0], NU, NI)
+    for h0_all, layers in ((True, 2), (False, 2), (True, 0)):
+        enc = InfluenceEncoder(NU + NI, 16, layers, h0_all=h0_all)
+        with torch.no_grad():
+            for p in enc.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))       # a trained-looking encoder: H0, η, MLP ≠ init
+            torch.testing.assert_close(enc.code_of_no_request(E_L), enc.code(empty, E_L), rtol=0, atol=1e-6)
+            assert (enc(empty, E0, E_L) - E0).abs().max() > 0.1           # the first request adds Δ(∅)
+            enc.chained = True
+            torch.testing.assert_close(enc(empty, E0, E_L), E0, rtol=0, atol=1e-5)
+            A = request_adjacency(EDGES[[1, 6]], NU, NI)                   # a real request: Δ(A) − Δ(∅)
+            enc.chained = False
+            expect = enc(A, E0, E_L) - enc(empty, E0, E_L) + E0
+            enc.chained = True
+            torch.testing.assert_close(enc(A, E0, E_L), expect, rtol=0, atol=1e-5)
+
+
+def test_the_pipeline_chains_the_encoder_from_the_second_request_on(monkeypatch):
+    """With the test above: request 1 adds Δ(request) including Δ(∅), requests 2 and 3 only Δ(request) − Δ(∅)."""
+    import unlearnrec
+    chained, real = [], unlearnrec.fine_tune
+
+    def recording(corrector, *args):
+        if isinstance(corrector, InfluenceEncoder):
+            chained.append((args[9], corrector.chained))
+        return real(corrector, *args)
+    monkeypatch.setattr(unlearnrec, "fine_tune", recording)
+    toy_pipeline(sequence=3, retrain=False, finetune_epochs=0)
+    assert chained == [("pretrain", False)] * 2 + [("unlearnrec1", False), ("unlearnrec2", True), ("unlearnrec3", True)]
+
+
+def test_budget_snapshots_are_what_that_budget_trains_and_both_methods_see_the_same_batches(monkeypatch):
+    """The 0-step row is the encoder applied untrained; the 1-epoch snapshot of a 2-epoch fine-tuning equals a
+    1-epoch fine-tuning with the same seed. UnlearnRec and fine-tune-only get the same seed in the pipeline."""
+    model = train_toy(EDGES, NU, NI, steps=50).requires_grad_(False)
+    req = EDGES[[1, 6]]
+    train_r = remove_edges(EDGES, req)
+    with torch.no_grad():
+        E_L = model.propagate(Graph(NU, NI, EDGES).normalized())
+    monkeypatch.setattr(Cfg, "batch_size", 4)              # simple_fit's batches too
+    data, cfg = Interactions(NU, NI, EDGES, EDGES[:0], EDGES[:0]), Cfg()
+    per_epoch = -(-len(train_r) // 4)
+    args = (model, model.E0, E_L, req, data, train_r, False, simple_fit, cfg, "t")
+    torch.manual_seed(0)
+    enc = InfluenceEncoder(NU + NI, 16, 2)
+    start = {k: v.clone() for k, v in enc.state_dict().items()}
+    _, _, _, taken = fine_tune(enc, *args, 2, 7, (0, 1, per_epoch))
+    assert sorted(taken) == [0, 1, per_epoch]
+    with torch.no_grad():
+        untrained = InfluenceEncoder(NU + NI, 16, 2)
+        untrained.load_state_dict(start)
+        expect0 = model.propagate(Graph(NU, NI, train_r).normalized(), untrained(
+            request_adjacency(req, NU, NI), model.E0, E_L))
+    torch.testing.assert_close(taken[0][2], expect0, rtol=0, atol=0)
+    one = InfluenceEncoder(NU + NI, 16, 2)
+    one.load_state_dict(start)
+    _, _, E1, none = fine_tune(one, *args, 1, 7, (0, 1, per_epoch))
+    torch.testing.assert_close(taken[per_epoch][2], E1, rtol=0, atol=0)
+    assert sorted(none) == [0, 1]                          # the end itself is returned, not as a snapshot
+    import unlearnrec
+    seeds, real = [], unlearnrec.fine_tune
+    monkeypatch.setattr(unlearnrec, "fine_tune", lambda *a: (seeds.append((a[10], a[12])), real(*a))[1])
+    toy_pipeline(sequence=1, retrain=False, pre_epochs=0)
+    assert [n for n, _ in seeds] == ["unlearnrec1", "fine-tune-only1"] and seeds[0][1] == seeds[1][1]
 
 
 def test_held_out_pairs_are_the_request_users_val_and_test_items():
@@ -284,17 +375,19 @@ def simple_fit(stage):
     opt = torch.optim.Adam(stage.model.parameters(), lr=0.02)
     pairs = torch.from_numpy(stage.data.train)
     for _ in range(stage.epochs):
-        for b in torch.randperm(len(pairs), generator=gen).split(64):
+        for b in torch.randperm(len(pairs), generator=gen).split(Cfg.batch_size):
             u, i = pairs[b].T
             loss = stage.loss(u, i, torch.randint(stage.data.n_items, u.shape, generator=gen))
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if stage.after_step is not None:
+                stage.after_step()
     return {"train_seconds": 1.0}
 
 
 class Cfg:
-    forget, sequence, retrain, seed = "0.1", 2, True, 0
+    forget, sequence, retrain, seed, batch_size = "0.1", 2, True, 0, 64
     pre_epochs, pre_frac, redraw_every, finetune_epochs = 2, 0.1, 1, 2
     lambda_u, lambda_a, align_tau, align_pairs, lambda_ssl, ssl_tau = 1.0, 0.01, 1.0, 64, 0.0, 0.2
     decay, eta0, omega, enc_layers, h0_all = 1e-4, 2e-3, 0.1, 2, True
@@ -323,8 +416,11 @@ def toy_pipeline(**changes):
 def test_pipeline_sequence_baseline_and_retraining():
     data, base, out, trained = toy_pipeline()
     s1, s2 = out["steps"]
-    assert [r["model"] for r in s1["rows"]] == ["base", "unlearnrec", "fine-tune-only", "retrained"]
-    assert [r["model"] for r in s2["rows"]] == ["unlearnrec", "fine-tune-only", "retrained"]
+    budgets = lambda m: [f"{m} @ {b}" for b in ("0 steps", "1 step", "1 epoch")]  # noqa: E731
+    assert [r["model"] for r in s1["rows"]] == ["base", *budgets("unlearnrec"), "unlearnrec",
+                                                *budgets("fine-tune-only"), "fine-tune-only", "retrained"]
+    assert [r["model"] for r in s2["rows"]] == [*budgets("unlearnrec"), "unlearnrec", *budgets("fine-tune-only"),
+                                                "fine-tune-only", "retrained"]
     # each retraining sees the edges left after every request so far; request 2 comes from what request 1 left
     (n1, t1), (n2, t2) = trained
     assert (n1, n2) == ("retrained1", "retrained2")
@@ -354,8 +450,7 @@ def test_pipeline_rngs_are_separate_and_reported_scores_are_the_encoders():
         enc.load_state_dict(out["encoder"])
         E = base.propagate(A_r, enc(A_delta, base.E0, E_L))
         torch.testing.assert_close(out["unlearned"], E)
-        row = out["steps"][0]["rows"][1]
-        assert row["model"] == "unlearnrec"
+        row = next(r for r in out["steps"][0]["rows"] if r["model"] == "unlearnrec")
         s = (E[req[:, 0]] * E[40 + req[:, 1]]).sum(-1)
         assert row["forgotten"]["mean"] == pytest.approx(s.mean().item(), rel=1e-5)
         # and it depends on the encoder: an encoder reset to zero (E0' = E0) gives other embeddings and scores
@@ -386,14 +481,14 @@ def test_fine_tune_with_ssl_lowers_forgotten_scores_and_trains_only_the_correcto
     before = (E_L[req[:, 0]] * E_L[NU + req[:, 1]]).sum(-1)
     out = []
     for corrector in (InfluenceEncoder(NU + NI, 16, 2), FineTuneOnly(model.E0)):
-        _, E0p, E = fine_tune(corrector, model, model.E0, E_L, req, data, train_r, False, simple_fit, cfg, "t", 30, 0)
+        _, E0p, E, _ = fine_tune(corrector, model, model.E0, E_L, req, data, train_r, False, simple_fit, cfg, "t", 30, 0)
         assert torch.all((E[req[:, 0]] * E[NU + req[:, 1]]).sum(-1) < before - 0.5)
         assert torch.equal(model.E0, E0)
         out.append(E0p)
     # the SSL term reaches the encoder's optimiser: without it the encoder ends elsewhere
     cfg.lambda_ssl = 0.0
-    _, E0p, _ = fine_tune(InfluenceEncoder(NU + NI, 16, 2), model, model.E0, E_L, req, data, train_r, False,
-                          simple_fit, cfg, "t", 30, 0)
+    _, E0p, _, _ = fine_tune(InfluenceEncoder(NU + NI, 16, 2), model, model.E0, E_L, req, data, train_r, False,
+                             simple_fit, cfg, "t", 30, 0)
     assert (E0p - out[0]).abs().max() > 1e-3
 
 
