@@ -265,43 +265,41 @@ def lightgcn_show(S, quick):
 
 
 BASE = ["--batch_size=8192", "--lr=0.01", "--epochs=10", "--eval_every=5", "--patience=3"]
-UNLEARN = ["--method=unlearnrec", "--base={dir}/base/ckpt_best.pt", "--batch_size=8192", "--lr=0.005",
-           "--pre_epochs=4", "--redraw_every=2", "--finetune_epochs=2"]
-UL_MODELS = ("base", "retrained", "unlearnrec", "fine-tune-only")
-UL_README = {  # (run, request): README test Recall@20 / membership AUC of UL_MODELS
-    ("ul1", 0): ("0.1924 / 0.517", "0.1941 / 0.493", "0.1899 / 0.487", "0.1892 / 0.430"),
-    ("ul1", 1): ("", "0.1923 / 0.497", "0.1845 / 0.491", "0.1850 / 0.427"),
-    ("ul5", 0): ("0.1889 / 0.520", "0.1854 / 0.499", "0.1852 / 0.513", "0.1861 / 0.499"),
-    ("uladv", 0): ("0.1923 / 0.241", "0.1935 / 0.000", "0.1923 / 0.001", "0.1928 / 0.001"),
-    ("mf_ul1", 0): ("0.1715 / 0.614", "0.1668 / 0.496", "0.1709 / 0.459", "0.1667 / 0.317")}
+UNLEARN = ["--method=unlearnrec", "--batch_size=8192", "--lr=0.005", "--pre_epochs=4", "--redraw_every=2",
+           "--finetune_epochs=2", "--forget=0.01"]
+UL_SEEDS = (2020, 2021, 2022)   # each: the validation split, the base, the request, pre-training, fine-tuning
+UL_BUDGETS = ("0 steps", "1 step", "1 epoch")
+UL_MODELS = ("base", "retrained", *(f"{m}{b}" for m in ("unlearnrec", "fine-tune-only")
+                                    for b in [f" @ {b}" for b in UL_BUDGETS] + [""]))
 
 
 def unlearnrec_runs(quick):
     data = [f"--dataset={'ml-latest-small' if quick else 'ml-1m'}"]
-    return [Run("base", "train_rec.py", data + BASE),
-            Run("ul1", "train_rec.py", data + UNLEARN + ["--forget=0.01", "--sequence=2"]),
-            Run("ul5", "train_rec.py", data + UNLEARN + ["--forget=0.05", "--encoder={dir}/ul1/encoder_pretrained.pt"]),
-            Run("uladv", "train_rec.py", data + UNLEARN + ["--forget=adversarial"]),
-            Run("mfbase", "train_rec.py", data + BASE + ["--model=mf"]),
-            Run("mf_ul1", "train_rec.py", data + merge(UNLEARN, ["--base={dir}/mfbase/ckpt_best.pt", "--forget=0.01"]))]
+    return [r for model in ("lightgcn", "mf") for s in UL_SEEDS[:1 if quick else 3] for r in (
+        Run(f"base_{model}_s{s}", "train_rec.py", data + BASE + [f"--model={model}", f"--seed={s}"]),
+        Run(f"ul_{model}_s{s}", "train_rec.py", data + UNLEARN + [f"--base={{dir}}/base_{model}_s{s}/ckpt_best.pt",
+                                                                   f"--seed={s}"]))]
 
 
 def unlearnrec_show(S, quick):
-    rows = []
-    for (run, k), readme in UL_README.items():
-        step = get(S, run, "steps", k) or {}
-        by_model = {r["model"]: r for r in step.get("rows", [])}
-        rows += [(f"{run}, request {k + 1} ({step.get('requests', '?')} edges)", m, fmt(get(r, "test", "recall@20")),
-                  fmt(get(r, "test", "ndcg@20")),
-                  " / ".join(fmt(get(r, p, "mean"), ".2f") for p in ("forgotten", "held_out", "negatives")),
-                  fmt(r.get("mia_auc"), ".3f"), fmt(r.get("seconds"), ".0f"), ref)
-                 for m, ref in zip(UL_MODELS, readme) if m in by_model or ref for r in [by_model.get(m, {})]]
-    md(["request", "model", "test Recall@20", "test NDCG@20", "score: forgotten / held-out / negatives",
-        "membership AUC", "train s", "README Recall / AUC"], rows)
-    for run in ("ul1", "mf_ul1"):
-        print(f"{run}: fine-tuning {fmt(get(S, run, 'times', 'speedup_finetune'), '.1f')}x faster than retraining, "
-              f"{fmt(get(S, run, 'times', 'speedup_amortised'), '.1f')}x with the encoder's pre-training "
-              f"(README, ul1: 2.2–3.4x and 1.2x)")
+    """Per base model: every method and budget over the seeds, mean ± half the spread; the membership AUC's
+    distance to the same seed's retraining; the null SD (labels shuffled within users) beside it."""
+    for model in ("lightgcn", "mf"):
+        runs = [get(S, f"ul_{model}_s{s}", "steps", 0, "rows") or [] for s in UL_SEEDS]
+        runs = [{r["model"]: r for r in rows} for rows in runs if rows]
+        print(f"\n{model} base, a 1 % random request, {len(runs)} seed(s); epoch = "
+              f"{get(S, f'ul_{model}_s{UL_SEEDS[0]}', 'steps', 0, 'requests') or '?'} forgotten edges")
+        rows = []
+        for m in UL_MODELS:
+            got = [r[m] for r in runs if m in r]
+            dist = [abs(r[m]["mia_auc"] - r["retrained"]["mia_auc"]) for r in runs if m in r and "retrained" in r]
+            rows.append((m, pm([get(r, "test", "recall@20") for r in got]), pm([r.get("mia_auc") for r in got]),
+                         pm(dist) if m != "retrained" else "", fmt(sum(r["mia_null_sd"] for r in got) / len(got)
+                                                                   if got else None),
+                         pm([get(r, "forgotten", "mean") for r in got]), pm([r.get("seconds") for r in got])))
+        md(["model @ fine-tuning budget", "test Recall@20", "membership AUC", "|AUC − retrained AUC|, same seed",
+            "null SD of the AUC", "forgotten score (mean)", "train s"], rows)
+        print(f"pre-training: {pm([get(S, f'ul_{model}_s{s}', 'times', 'pretrain_seconds') for s in UL_SEEDS])} s")
 
 
 STAGES = ["--teacher={dir}/stages/teacher/ckpt_best.pt", "--intermediate={dir}/stages/intermediate/ckpt_best.pt"]
@@ -383,8 +381,8 @@ TABLES = {
     "lightgnn": Table("LightGNN on ml-1m (quick: latest-small): teacher, intermediate, pruned student; controls",
                       "2 h", "2.5 min", lightgnn_runs, lightgnn_show, "80 % fewer edges and 90 % fewer embedding "
                       "entries at the teacher's accuracy"),
-    "unlearnrec": Table("UnlearnRec on ml-1m (quick: latest-small): 1 % x2, 5 %, adversarial; MF base", "1.5 h",
-                        "2 min", unlearnrec_runs, unlearnrec_show, "> 10x faster than retraining, with retraining's "
+    "unlearnrec": Table("UnlearnRec on ml-1m (quick: latest-small): 1 % requests, fine-tuning budgets 0 steps to 2 "
+                        "epochs, paired with fine-tune-only; LightGCN and MF bases, 3 seeds", "45 min", "2 min", unlearnrec_runs, unlearnrec_show, "> 10x faster than retraining, with retraining's "
                         "accuracy"),
     "kernels": Table("MoE dispatch and SepLLM attention benchmarks (bench_kernels.py)", "5 min", "0.7 min",
                      kernels_runs, kernels_show, "(none: this project's kernels against PyTorch)"),
