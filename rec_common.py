@@ -130,8 +130,10 @@ def check_flags(cfg):
          f"--method=unlearnrec {method}"),
         (("retrain",), unlearn and cfg.forget != "adversarial",
          "--method=unlearnrec with a --forget other than adversarial (its retrained model is the clean --base)"),
-        (("pre_frac", "redraw_every"), unlearn and not cfg.encoder and cfg.pre_epochs > 0,
+        (("pre_frac", "redraw_every"), unlearn and (not cfg.encoder or cfg.pretrain_control) and cfg.pre_epochs > 0,
          "--method=unlearnrec without --encoder and with --pre_epochs >= 1 (the encoder's pre-training)"),
+        (("pretrain_control",), unlearn and cfg.pre_epochs > 0,
+         "--method=unlearnrec and --pre_epochs >= 1 (the control is pre-trained as the encoder was)"),
     ])
     if lightgnn and cfg.teacher and cfg.epochs != default(cfg, "epochs"):
         raise UserError(f"--epochs={cfg.epochs} has no effect with these flags: it counts only without --teacher "

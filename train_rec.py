@@ -88,6 +88,7 @@ class RecConfig:
     finetune_epochs: int = 2            # on the real request (UnlearnRec and fine-tune-only alike)
     sequence: int = 1                   # --forget=<fraction>: this many requests, each from the last unlearned model
     retrain: bool = True                # also retrain from scratch without the request edges (the reference)
+    pretrain_control: bool = False      # also fine-tune-only from an E0 pre-trained like the encoder (same requests)
     lambda_u: float = 1.0               # weight of L_u (push forgotten pairs down)
     lambda_a: float = 0.01              # weight of L_align (keep the rest)
     align_tau: float = 1.0

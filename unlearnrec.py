@@ -344,15 +344,15 @@ def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit
     return (*now(state["train_seconds"]), {k: v for k, v in taken.items() if k < step})
 
 
-def pretrain(encoder, base, E0, E_L, data, self_loops, fit, cfg, rng):
-    """Pre-train the encoder on random requests (pre_frac of the training edges, redrawn every redraw_every
-    epochs). Returns the training seconds."""
+def pretrain(corrector, base, E0, E_L, data, self_loops, fit, cfg, rng, name="pretrain"):
+    """Pre-train the encoder (or, as a control, FineTuneOnly's E0) on random requests (pre_frac of the training
+    edges, redrawn every redraw_every epochs). Returns the training seconds."""
     seconds = 0.0
     for period in range(0, cfg.pre_epochs, cfg.redraw_every):
         req = random_requests(data.train, cfg.pre_frac, rng)
-        print(f"pre-training: random request of {len(req)} edges, epochs {period + 1}..")
-        seconds += fine_tune(encoder, base, E0, E_L, req, data, remove_edges(data.train, req), self_loops, fit, cfg,
-                             "pretrain", min(cfg.redraw_every, cfg.pre_epochs - period), int(rng.integers(2 ** 31)))[0]
+        print(f"{name}: random request of {len(req)} edges, epochs {period + 1}..")
+        seconds += fine_tune(corrector, base, E0, E_L, req, data, remove_edges(data.train, req), self_loops, fit,
+                             cfg, name, min(cfg.redraw_every, cfg.pre_epochs - period), int(rng.integers(2 ** 31)))[0]
     return seconds
 
 
@@ -393,6 +393,13 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
     else:
         pre_seconds = pretrain(encoder, base, E0, E_L, data_o, self_loops, fit, cfg, rng_pre)
     pretrained = {k: v.clone() for k, v in encoder.state_dict().items()}
+    chains = {"unlearnrec": (E0, E_L), "fine-tune-only": (E0, E_L)}
+    if cfg.pretrain_control:
+        # the control gets the encoder's extra training too: E0 itself pre-trained on the same random requests
+        control = FineTuneOnly(E0).to(dev)
+        pre_control = pretrain(control, base, E0, E_L, data_o, self_loops, fit, cfg,
+                               np.random.default_rng([cfg.seed, 1]), "pretrain-control")   # rng_pre's draws again
+        chains["fine-tune-only, pre-trained"] = (control.E0p.detach(), E_L)
 
     def row(name, data_r, E_all, seconds, requests):
         E_user, E_item = E_all.split([nu, ni])
@@ -406,7 +413,6 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
               f"| MIA AUC {r['mia_auc']:.3f} | {seconds:.1f} s")
         return r
 
-    chains = {"unlearnrec": (E0, E_L), "fine-tune-only": (E0, E_L)}
     train, steps = data_o.train, []
     for k in range(cfg.sequence):
         requests = fixed if fraction is None else random_requests(train, fraction, rng_req)
@@ -443,6 +449,7 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
         steps.append({"requests": len(requests), "rows": rows})
         train = train_r
     return {"pretrain_seconds": pre_seconds, "steps": steps, "encoder_pretrained": pretrained,
+            **({"pretrain_control_seconds": pre_control} if cfg.pretrain_control else {}),
             "encoder": encoder.state_dict(), "unlearned": chains["unlearnrec"][1], "requests": requests}
 
 
@@ -453,7 +460,8 @@ def timings(out, K, retrain):
     total = {name: sum(r["seconds"] for s in out["steps"] for r in s["rows"] if r["model"] == name)
              for name in ("unlearnrec", "fine-tune-only", "retrained")}
     times = {"pretrain_seconds": pre, "per_request": {n: t / K for n, t in total.items()},
-             "unlearnrec_amortised": (pre + total["unlearnrec"]) / K}
+             "unlearnrec_amortised": (pre + total["unlearnrec"]) / K,
+             **{k: out[k] for k in ("pretrain_control_seconds",) if k in out}}
     if retrain and total["unlearnrec"] > 0:           # (--finetune_epochs=0: no fine-tuning time to compare)
         times["speedup_finetune"] = total["retrained"] / total["unlearnrec"]
         times["speedup_amortised"] = total["retrained"] / (pre + total["unlearnrec"])

@@ -264,7 +264,9 @@ def test_a_flag_without_effect_is_one_error_naming_what_makes_it_count(data_dir)
                       (["--model=mf", "--combine=sum"], "--n_layers >= 1"),
                       (["--min_rating=4.0"], "--dataset=ml-latest-small"),
                       (["--cache_dir=/tmp/x"], "no --data_dir"),
-                      (["--method=lightgnn", "--resume"], "--method=lightgcn")):
+                      (["--method=lightgnn", "--resume"], "--method=lightgcn"),
+                      (["--method=unlearnrec", "--base=b.pt", "--forget=0.1", "--pre_epochs=0",
+                        "--pretrain_control"], "--pre_epochs >= 1")):
         flag = args[-1].split("=")[0]
         one_line_error(run(data_dir, f"--out_dir={out}", "--epochs=2", *args), f"error: {flag}=", "has no effect", fix)
     assert not out.exists()

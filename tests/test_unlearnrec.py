@@ -327,6 +327,38 @@ def test_budget_snapshots_are_what_that_budget_trains_and_both_methods_see_the_s
     assert [n for n, _ in seeds] == ["unlearnrec1", "fine-tune-only1"] and seeds[0][1] == seeds[1][1]
 
 
+def test_pretrained_control_sees_the_encoders_random_requests_and_starts_from_its_own_pretraining(monkeypatch):
+    import unlearnrec
+    calls, real = [], unlearnrec.fine_tune
+
+    def recording(corrector, base, E0, E_L, requests, *rest):
+        start = corrector.E0p.detach().clone() if isinstance(corrector, FineTuneOnly) else None
+        calls.append((rest[5], requests, start, E_L))
+        return real(corrector, base, E0, E_L, requests, *rest)
+    monkeypatch.setattr(unlearnrec, "fine_tune", recording)
+    data, base, out, _ = toy_pipeline(sequence=1, retrain=False, pretrain_control=True)
+    by_name = {}
+    for name, req, start, E_L in calls:
+        by_name.setdefault(name, []).append((req, start, E_L))
+    assert [len(by_name[n]) for n in ("pretrain", "pretrain-control")] == [2, 2]   # Cfg: 2 epochs, redrawn every 1
+    for (r1, _, _), (r2, _, _) in zip(by_name["pretrain"], by_name["pretrain-control"]):
+        assert np.array_equal(r1, r2)
+    # the reference: FineTuneOnly pre-trained on its own with the same generator
+    monkeypatch.setattr(unlearnrec, "fine_tune", real)
+    with torch.no_grad():
+        E_L = base.propagate(Graph(40, 30, data.train).normalized())
+    control = FineTuneOnly(base.E0)
+    cfg = Cfg()
+    unlearnrec.pretrain(control, base, base.E0, E_L, data, False, simple_fit, cfg, np.random.default_rng([0, 1]))
+    (_, start, E_L_used), = by_name["fine-tune-only, pre-trained1"]
+    torch.testing.assert_close(start, control.E0p.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(E_L_used, E_L)                  # L_align still against the original model
+    assert not torch.equal(start, base.E0)
+    names = [r["model"] for r in out["steps"][0]["rows"]]
+    assert names[-4:] == [f"fine-tune-only, pre-trained @ {b}" for b in ("0 steps", "1 step", "1 epoch")] + [
+        "fine-tune-only, pre-trained"]
+
+
 def test_held_out_pairs_are_the_request_users_val_and_test_items():
     val, test = np.array([[0, 2], [1, 3], [3, 0]]), np.array([[0, 3], [2, 2]])
     got = held_out_pairs(np.array([[0, 1], [3, 3], [0, 0]]), [val, test])
@@ -387,7 +419,7 @@ def simple_fit(stage):
 
 
 class Cfg:
-    forget, sequence, retrain, seed, batch_size = "0.1", 2, True, 0, 64
+    forget, sequence, retrain, seed, batch_size, pretrain_control = "0.1", 2, True, 0, 64, False
     pre_epochs, pre_frac, redraw_every, finetune_epochs = 2, 0.1, 1, 2
     lambda_u, lambda_a, align_tau, align_pairs, lambda_ssl, ssl_tau = 1.0, 0.01, 1.0, 64, 0.0, 0.2
     decay, eta0, omega, enc_layers, h0_all = 1e-4, 2e-3, 0.1, 2, True
