@@ -58,10 +58,11 @@ def fmt(x, spec=".4f"):
     return "—" if x is None else format(x, spec)
 
 
-def pm(values):
+def pm(values, spec=".4f"):
     """Mean ± half the spread of the seeds (the README's ±), over the runs that exist."""
     v = [x for x in values if x is not None]
-    return fmt(v[0] if v else None) if len(v) < 2 else f"{sum(v) / len(v):.4f} ± {(max(v) - min(v)) / 2:.4f}"
+    return (fmt(v[0] if v else None, spec) if len(v) < 2 else
+            f"{sum(v) / len(v):{spec}} ± {(max(v) - min(v)) / 2:{spec}}")
 
 
 def md(header, rows):
@@ -268,38 +269,62 @@ BASE = ["--batch_size=8192", "--lr=0.01", "--epochs=10", "--eval_every=5", "--pa
 UNLEARN = ["--method=unlearnrec", "--batch_size=8192", "--lr=0.005", "--pre_epochs=4", "--redraw_every=2",
            "--finetune_epochs=2", "--forget=0.01"]
 UL_SEEDS = (2020, 2021, 2022)   # each: the validation split, the base, the request, pre-training, fine-tuning
-UL_BUDGETS = ("0 steps", "1 step", "1 epoch")
-UL_MODELS = ("base", "retrained", *(f"{m}{b}" for m in ("unlearnrec", "fine-tune-only")
-                                    for b in [f" @ {b}" for b in UL_BUDGETS] + [""]))
+UL_VARIANTS = (  # name, flags on top of UNLEARN, seeds, what it changes (LightGCN base of the same seed)
+    ("ctrl", ["--pretrain_control", "--retrain=false"], 3, "fine-tune-only also pre-trained like the encoder "
+     "(--pretrain_control; retraining: the main runs', same request and settings)"),
+    ("pre10", ["--pre_epochs=10", "--redraw_every=1", "--lambda_ssl=1e-3"], 3,
+     "a richer pre-training: 10 random requests (one an epoch) and the SSL term at the paper's 1e-3"),
+    ("h0req", ["--h0_all=false"], 1, "H0 on the request's neighbourhood only (--h0_all=false)"),
+    ("ssl", ["--lambda_ssl=1e-3"], 1, "the SSL term at the paper's 1e-3"))
 
 
 def unlearnrec_runs(quick):
-    data = [f"--dataset={'ml-latest-small' if quick else 'ml-1m'}"]
-    return [r for model in ("lightgcn", "mf") for s in UL_SEEDS[:1 if quick else 3] for r in (
+    data, seeds = [f"--dataset={'ml-latest-small' if quick else 'ml-1m'}"], UL_SEEDS[:1 if quick else 3]
+    ul = lambda name, base, s, more=(): Run(name, "train_rec.py", merge(  # noqa: E731
+        data + UNLEARN, [f"--base={{dir}}/{base}/ckpt_best.pt", f"--seed={s}", *more]))
+    runs = [r for model in ("lightgcn", "mf") for s in seeds for r in (
         Run(f"base_{model}_s{s}", "train_rec.py", data + BASE + [f"--model={model}", f"--seed={s}"]),
-        Run(f"ul_{model}_s{s}", "train_rec.py", data + UNLEARN + [f"--base={{dir}}/base_{model}_s{s}/ckpt_best.pt",
-                                                                   f"--seed={s}"]))]
+        ul(f"ul_{model}_s{s}", f"base_{model}_s{s}", s))]
+    runs += [ul(f"ul_lightgcn_{v}_s{s}", f"base_lightgcn_s{s}", s, more) for v, more, n, _ in UL_VARIANTS
+             for s in seeds[:n]]
+    if not quick:    # a base trained to validation early stopping (so is its retraining); 5 fine-tuning epochs
+        runs += [r for s in UL_SEEDS[:2] for r in (
+            Run(f"base_conv_s{s}", "train_rec.py", data + merge(BASE, ["--epochs=100", f"--seed={s}"])),
+            ul(f"ul_conv_s{s}", f"base_conv_s{s}", s, ["--finetune_epochs=5"]))]
+    return runs
+
+
+def ul_table(S, title, names, reference=None):
+    """The rows of runs `names` (one per seed), mean ± half the spread; retraining from `reference` runs (the same
+    seeds) where the runs did not retrain; the membership AUC's distance to the same seed's retraining."""
+    runs = [{r["model"]: r for r in get(S, n, "steps", 0, "rows") or []} for n in names]
+    for run, ref in zip(runs, reference or names):
+        run.setdefault("retrained", {r["model"]: r for r in get(S, ref, "steps", 0, "rows") or []}.get("retrained"))
+    runs = [r for r in runs if len(r) > 1]
+    models = list(dict.fromkeys(m for r in runs for m in r if r[m] is not None))
+    print(f"\n{title}: {len(runs)} seed(s), a 1 % random request of "
+          f"{get(S, names[0], 'steps', 0, 'requests') or '?'} edges")
+    rows = []
+    for m in models:
+        got = [r[m] for r in runs if r.get(m)]
+        dist = [abs(r[m]["mia_auc"] - r["retrained"]["mia_auc"]) for r in runs if r.get(m) and r.get("retrained")]
+        rows.append((m, pm([get(r, "test", "recall@20") for r in got]), pm([r["mia_auc"] for r in got], ".3f"),
+                     pm(dist, ".3f") if m != "retrained" else "", fmt(sum(r["mia_null_sd"] for r in got) / len(got)),
+                     pm([get(r, "forgotten", "mean") for r in got], ".2f"), pm([r["seconds"] for r in got], ".1f")))
+    md(["model @ fine-tuning budget", "test Recall@20", "membership AUC", "|AUC − retrained AUC|, same seed",
+        "null SD of the AUC", "forgotten score (mean)", "train s"], rows)
+    print("pre-training s: " + pm([get(S, n, "times", "pretrain_seconds") for n in names], ".1f"))
 
 
 def unlearnrec_show(S, quick):
-    """Per base model: every method and budget over the seeds, mean ± half the spread; the membership AUC's
-    distance to the same seed's retraining; the null SD (labels shuffled within users) beside it."""
+    seeds = UL_SEEDS[:1 if quick else 3]
     for model in ("lightgcn", "mf"):
-        runs = [get(S, f"ul_{model}_s{s}", "steps", 0, "rows") or [] for s in UL_SEEDS]
-        runs = [{r["model"]: r for r in rows} for rows in runs if rows]
-        print(f"\n{model} base, a 1 % random request, {len(runs)} seed(s); epoch = "
-              f"{get(S, f'ul_{model}_s{UL_SEEDS[0]}', 'steps', 0, 'requests') or '?'} forgotten edges")
-        rows = []
-        for m in UL_MODELS:
-            got = [r[m] for r in runs if m in r]
-            dist = [abs(r[m]["mia_auc"] - r["retrained"]["mia_auc"]) for r in runs if m in r and "retrained" in r]
-            rows.append((m, pm([get(r, "test", "recall@20") for r in got]), pm([r.get("mia_auc") for r in got]),
-                         pm(dist) if m != "retrained" else "", fmt(sum(r["mia_null_sd"] for r in got) / len(got)
-                                                                   if got else None),
-                         pm([get(r, "forgotten", "mean") for r in got]), pm([r.get("seconds") for r in got])))
-        md(["model @ fine-tuning budget", "test Recall@20", "membership AUC", "|AUC − retrained AUC|, same seed",
-            "null SD of the AUC", "forgotten score (mean)", "train s"], rows)
-        print(f"pre-training: {pm([get(S, f'ul_{model}_s{s}', 'times', 'pretrain_seconds') for s in UL_SEEDS])} s")
+        ul_table(S, f"{model} base (10 epochs)", [f"ul_{model}_s{s}" for s in seeds])
+    for v, _, n, about in UL_VARIANTS:
+        ul_table(S, f"lightgcn base, {about}", [f"ul_lightgcn_{v}_s{s}" for s in seeds[:n]],
+                 [f"ul_lightgcn_s{s}" for s in seeds[:n]])
+    if not quick:
+        ul_table(S, "lightgcn base trained to early stopping, retraining too", [f"ul_conv_s{s}" for s in UL_SEEDS[:2]])
 
 
 STAGES = ["--teacher={dir}/stages/teacher/ckpt_best.pt", "--intermediate={dir}/stages/intermediate/ckpt_best.pt"]
