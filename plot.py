@@ -7,6 +7,7 @@ Figures of what the runs already wrote (metrics.jsonl, summary.json, scores.npz)
     python plot.py pruning RUN_DIR [RUN_DIR ...] --out=pruning.png   # train_rec.py --method=lightgnn (and controls)
     python plot.py unlearning RUN_DIR --out=unlearning.png           # train_rec.py --method=unlearnrec
     python plot.py recall RUN_DIR [RUN_DIR ...] --out=recall.png     # train_lm.py --dataset=recall
+    python plot.py stream FILE.json [FILE.json ...] --out=stream.png  # eval_lm.py --stream=... --out_json=FILE.json
 
 What each kind reads:
 - loss: metrics.jsonl; evaluation lines (train_loss, val_loss) against iterations, and against training seconds,
@@ -18,6 +19,8 @@ What each kind reads:
 - pruning: summary.json's rounds: Recall@topk of the --split against the share of edges each student round kept,
   the teacher as a horizontal line.
 - recall: metrics.jsonl; the evaluations' answer accuracy (all answers, and the far ones) against iterations.
+- stream: eval_lm.py's --out_json of a --stream run: perplexity per window of tokens along the stream, one
+  line per file, labelled by the cache and its average KV.
 - unlearning: scores.npz (up to 2000 scores per kind) and summary.json: per model of request --step, histograms of
   the scores of the forgotten edges, of the same users' held-out interactions and of never-seen pairs.
 Runs are labelled by --labels=a,b,c, else by the config keys that differ between the runs given (their
@@ -324,8 +327,24 @@ def draw_unlearning(plt, runs, cfg):
     return fig
 
 
+def draw_stream(plt, files, cfg):
+    need = "plot.py stream needs eval_lm.py --stream=... --out_json=FILE.json files"
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
+    for path, label in zip(files, cfg.labels.split(",") if cfg.labels else [None] * len(files)):
+        r = read_json(path, need)
+        if "window_ppl" not in r:
+            raise UserError(f"{path} has no window_ppl: {need}")
+        x = (np.arange(len(r["window_ppl"])) + 1) * r["window_tokens"] / 1e6
+        ax.plot(x, r["window_ppl"], marker="o", label=label or f"{r['stream']}: average KV {r['average_kv']:.0f}, "
+                                                                 f"max {r['max_kv']}")
+    ax.set(xlabel="tokens into the stream (millions; a point per window)", ylabel="perplexity of the window",
+           title="one long stream through a bounded KV cache")
+    ax.legend(fontsize=8)
+    return fig
+
+
 DRAW = {"loss": draw_loss, "routing": draw_routing, "mask": draw_mask, "pruning": draw_pruning,
-        "unlearning": draw_unlearning, "recall": draw_recall}
+        "unlearning": draw_unlearning, "recall": draw_recall, "stream": draw_stream}
 
 
 def main(argv=None):
@@ -341,7 +360,9 @@ def main(argv=None):
     if kind != "mask" and not runs:
         raise UserError(f"plot.py {kind} needs at least one run folder")
     for run in runs:
-        if not os.path.isdir(run):
+        if kind == "stream" and not os.path.isfile(run):
+            raise UserError(f"{run} is not a file: pass eval_lm.py --out_json files")
+        if kind != "stream" and not os.path.isdir(run):
             raise UserError(f"{run} is not a folder: pass run folders (a script's --out_dir)")
     plt = pyplot()
     fig = DRAW[kind](plt, runs, cfg)

@@ -122,9 +122,14 @@ def kept_fraction(masks):
 
 
 class SepCache:
-    """The SepLLM KV cache for streaming (batch size 1), implementing gpt.py's cache interface."""
+    """The SepLLM KV cache for streaming (batch size 1), implementing gpt.py's cache interface.
 
-    def __init__(self, n_layer, sep_ids, n_init=4, sep_size=64, local_size=256, capacity=800):
+    T > 1 new tokens in one forward: by default a sparse prefill (rule (1) among them, as SepLLM's prompt). With
+    chunked=True they see each other causally instead, which is what T forwards of one token each would compute
+    as long as no compression falls between them: a stream fed in pieces of at most room() tokens gives the same
+    numbers as a token a step, in far fewer forwards (eval_lm.stream_nll)."""
+
+    def __init__(self, n_layer, sep_ids, n_init=4, sep_size=64, local_size=256, capacity=800, chunked=False):
         if n_init + sep_size + local_size >= capacity:
             raise ValueError(f"capacity={capacity} must exceed n_init + sep_size + local_size = "
                              f"{n_init + sep_size + local_size}")
@@ -134,9 +139,14 @@ class SepCache:
         self.ids = torch.zeros(0, dtype=torch.long)      # token id of each cached entry
         self.stream_pos = torch.zeros(0, dtype=torch.long)  # position of each entry in the whole stream
         self.seen = 0                                     # tokens of the stream so far
+        self.chunked = chunked
 
     def __len__(self):
         return len(self.ids)
+
+    def room(self):
+        """How many new tokens fit before the next compression (0 when full: the next token's start compresses)."""
+        return self.c - len(self)
 
     def keep_on_overflow(self, T):
         """Which entries survive a compression before T new tokens arrive: initial + the newest s separators that
@@ -174,9 +184,11 @@ class SepCache:
         self.stream_pos = torch.cat([self.stream_pos, new_pos])
         self.seen += T
         S = len(self)
-        # cached entries are all visible; among the new tokens rule (1) applies (a sparse prefill)
+        # cached entries are all visible; among the new tokens rule (1) applies (a sparse prefill), or causality
         kept = is_separator(idx, self.sep_ids) | (new_pos < self.a).to(device)[None]
-        mask = torch.cat([torch.ones(1, T, old, dtype=torch.bool, device=device), keep_mask(kept, 0, self.w)], 2)
+        among = (torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] if self.chunked else
+                 keep_mask(kept, 0, self.w))
+        mask = torch.cat([torch.ones(1, T, old, dtype=torch.bool, device=device), among], 2)
         # RoPE with positions inside the cache: keys 0..S-1, the new queries the last T of them
         return torch.arange(old, S, device=device), torch.arange(S, device=device), mask
 
@@ -191,8 +203,8 @@ class SepCache:
 class SinkCache(SepCache):
     """StreamingLLM: keep the first a tokens and the most recent c − a."""
 
-    def __init__(self, n_layer, n_init=4, capacity=800):
-        super().__init__(n_layer, [], n_init, 0, capacity - n_init - 1, capacity)
+    def __init__(self, n_layer, n_init=4, capacity=800, chunked=False):
+        super().__init__(n_layer, [], n_init, 0, capacity - n_init - 1, capacity, chunked)
 
     def keep_on_overflow(self, T):
         n = len(self)

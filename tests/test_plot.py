@@ -118,6 +118,12 @@ def test_every_kind_writes_a_small_png(tmp_path, mpl):
           lightgnn_run(tmp_path / "nokd", kd_pred=0.0, kd_emb=0.0))
     draws(tmp_path, "unlearning", unlearn_run(tmp_path / "ul"), unlearn_run(tmp_path / "ul2", models=("base", "x")))
     draws(tmp_path, "recall", recall_run(tmp_path / "rc"), recall_run(tmp_path / "rc2"))
+    streams = []
+    for name in ("sepcache", "sink"):
+        streams.append(tmp_path / f"{name}.json")
+        streams[-1].write_text(json.dumps({"stream": name, "average_kv": 700.0, "max_kv": 800, "window_tokens": 65536,
+                                           "window_ppl": [4.1, 4.0, 4.05]}))
+    draws(tmp_path, "stream", *map(str, streams))
 
 
 def test_runs_are_labelled_by_the_flags_that_differ(tmp_path):
@@ -218,6 +224,7 @@ def test_missing_run_files_are_one_clear_error(tmp_path, mpl):
     for args, msg in ((["routing", dense], "has no expert_counts"), (["pruning", str(empty)], "summary.json not found"),
                       (["unlearning", lightgnn_run(tmp_path / "lg")], "has 0 unlearning request(s)"),
                       (["loss", str(tmp_path / "nowhere")], "is not a folder"), (["nonsense"], "usage:"),
+                      (["stream", str(empty)], "is not a file: pass eval_lm.py --out_json files"),
                       (["loss", dense, "--dpi=high"], "bad value for --dpi")):
         with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             plot.main([*args, f"--out={tmp_path / 'x.png'}"])

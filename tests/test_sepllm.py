@@ -178,6 +178,26 @@ def test_streaming_10k_tokens_keeps_memory_bounded():
 
 
 @pytest.mark.parametrize("kind", ["sepcache", "sink"])
+def test_stream_in_chunks_equals_a_token_a_forward_with_two_layers(kind):
+    """eval_lm feeds an evicting cache the tokens up to its next compression at once; with two layers (a cached
+    key of layer 2 depends on what its token saw) that must equal decoding one token a forward, step by step."""
+    from eval_lm import stream_nll
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
+    stream = torch.randint(0, 8, (150,), generator=torch.Generator().manual_seed(5))
+    new = lambda: SepCache(2, SEP, 2, 3, 4, 14) if kind == "sepcache" else SinkCache(2, 2, 14)  # noqa: E731
+    nll, kv, pred = stream_nll(model, stream, new())
+    cache, expect, lengths = new(), [], []
+    with torch.no_grad():
+        for t in range(len(stream) - 1):
+            logits = model(stream[t:t + 1][None], cache=cache).logits[0, -1]
+            expect.append(torch.nn.functional.cross_entropy(logits, stream[t + 1]).item())
+            lengths.append(len(cache))
+    torch.testing.assert_close(nll, torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert kv.tolist() == lengths and lengths.count(14) > 10
+
+
+@pytest.mark.parametrize("kind", ["sepcache", "sink"])
 def test_stream_perplexity_equals_a_direct_computation(kind):
     """eval_lm's streaming NLL against a forward of the kept tokens written out: with one layer a cached key
     depends on its token only, so each step's logits equal a plain causal forward over the tokens the rule keeps
