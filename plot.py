@@ -19,8 +19,8 @@ What each kind reads:
 - pruning: summary.json's rounds: Recall@topk of the --split against the share of edges each student round kept,
   the teacher as a horizontal line.
 - recall: metrics.jsonl; the evaluations' answer accuracy (all answers, and the far ones) against iterations.
-- stream: eval_lm.py's --out_json of a --stream run: perplexity per window of tokens along the stream, one
-  line per file, labelled by the cache and its average KV.
+- stream: eval_lm.py's --out_json of a --stream run: perplexity per window of tokens along the stream (a last
+  window under half the size left out), one line per file, labelled by the cache and its average KV.
 - unlearning: scores.npz (up to 2000 scores per kind) and summary.json: per model of request --step, histograms of
   the scores of the forgotten edges, of the same users' held-out interactions and of never-seen pairs.
 Runs are labelled by --labels=a,b,c, else by the config keys that differ between the runs given (their
@@ -334,11 +334,14 @@ def draw_stream(plt, files, cfg):
         r = read_json(path, need)
         if "window_ppl" not in r:
             raise UserError(f"{path} has no window_ppl: {need}")
-        x = (np.arange(len(r["window_ppl"])) + 1) * r["window_tokens"] / 1e6
-        ax.plot(x, r["window_ppl"], marker="o", label=label or f"{r['stream']}: average KV {r['average_kv']:.0f}, "
-                                                                 f"max {r['max_kv']}")
-    ax.set(xlabel="tokens into the stream (millions; a point per window)", ylabel="perplexity of the window",
-           title="one long stream through a bounded KV cache")
+        W, ppl = r["window_tokens"], np.array(r["window_ppl"])
+        ends = np.minimum(np.arange(1, len(ppl) + 1) * W, r["tokens"])
+        full = np.diff(ends, prepend=0) >= W // 2               # a last window under half a window is left out
+        ax.plot(ends[full] / 1e6, ppl[full], marker="o", label=label or f"{r['stream']}: average KV "
+                                                                         f"{r['average_kv']:.0f}, max {r['max_kv']}")
+    ax.set(xlabel="tokens into the stream (millions; a point at the end of each window)",
+           ylabel="perplexity of the window", title="one long stream through a bounded KV cache")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
     ax.legend(fontsize=8)
     return fig
 

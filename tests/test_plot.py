@@ -122,7 +122,7 @@ def test_every_kind_writes_a_small_png(tmp_path, mpl):
     for name in ("sepcache", "sink"):
         streams.append(tmp_path / f"{name}.json")
         streams[-1].write_text(json.dumps({"stream": name, "average_kv": 700.0, "max_kv": 800, "window_tokens": 65536,
-                                           "window_ppl": [4.1, 4.0, 4.05]}))
+                                           "tokens": 140000, "window_ppl": [4.1, 4.0, 4.05]}))
     draws(tmp_path, "stream", *map(str, streams))
 
 
