@@ -71,12 +71,12 @@ def test_ctrl_c_while_a_checkpoint_is_written_keeps_it_whole_then_exits_130(tmp_
     whole and loads, and the run exits with run_main's one line, not a RuntimeError or an abort."""
     script = tmp_path / "s.py"
     script.write_text(
-        "import os, signal, torch, common\n"
+        "import signal, torch, common\n"
         "class InterruptOnSecondWrite:\n"
         "    def __init__(self, f): self.f, self.n = f, 0\n"
         "    def write(self, b):\n"
         "        self.n += 1\n"
-        "        if self.n == 2: os.kill(os.getpid(), signal.SIGINT)\n"
+        "        if self.n == 2: signal.raise_signal(signal.SIGINT)\n"   # to this thread: handled right here
         "        return self.f.write(b)\n"
         "    def flush(self): self.f.flush()\n"
         "def main():\n"
