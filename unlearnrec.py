@@ -21,9 +21,10 @@ the graph WITHOUT the request edges.
     Pre-training: random requests (a share of the training edges) redrawn every few epochs; fine-tuning: the
     real request set for a few epochs. Baselines: retraining from scratch without the request edges, and
     FINE-TUNE-ONLY: the base E0 itself fine-tuned with the same loss and epochs, no encoder.
-    Membership inference: AUC of telling a user's forgotten edges from their held-out (validation and test)
-    interactions by score, averaged over users. Both are real interactions the user chose, so a model that
-    never trained on the forgotten edges sits near 0.5; the base model above; unlearning aims at retraining's.
+    Membership inference: AUC of telling a user's forgotten edges from their held-out test interactions by score
+    (validation chose the checkpoints, so it is not used), averaged over users. Both are real interactions the user
+    chose, so a model that never trained on the forgotten edges sits near 0.5; the base model above; unlearning
+    aims at retraining's.
 
 Choices: the MLP is one identity-initialised linear layer (so H0 = 0, η = 0 give E0' = E0 exactly). The l = 0
 term of (1) puts H0 itself on EVERY node (the equation as written; h0_all=True): for a node the request does
