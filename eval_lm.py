@@ -132,13 +132,11 @@ STREAM_WINDOW = 65536
 @torch.no_grad()
 def stream_nll(model, stream, cache, device="cpu"):
     """Decode stream (L,) through cache as a token a step would: per step, the negative log-likelihood of the next
-    token, the cache length and the greedy prediction, each (L − 1,). An evicting cache (one with room()) takes
-    the tokens up to its next compression in one forward, with causal attention among them (cache.chunked): the
-    same numbers as one token a forward, in ~room() times fewer forwards. The full cache goes a token at a time."""
+    token, the cache length and the greedy prediction, each (L − 1,). A chunked cache (SepCache / SinkCache with
+    chunked=True) takes the tokens up to its next compression in one forward, causal among them: the same numbers
+    as one token a forward, in ~room() times fewer forwards. Any other cache goes a token at a time."""
     nll, kv, pred, t = [], [], [], 0
-    chunks = hasattr(cache, "room")
-    if chunks:
-        cache.chunked = True
+    chunks = getattr(cache, "chunked", False)
     while t < len(stream) - 1:
         n = min(max(cache.room(), 1) if chunks else 1, len(stream) - 1 - t)   # full: 1 (its start compresses)
         logits = model(stream[t:t + n].view(1, n).to(device), cache=cache).logits[0].float()      # (n, V)
@@ -157,8 +155,9 @@ def stream_eval(cfg):
     model, tok, saved, device, data = load_trained(cfg)
     L = saved.n_layer
     new_cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
-                                              cfg.n_local, cfg.cache_capacity),
-                 "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity), "full": lambda: KVCache(L)}[cfg.stream]
+                                              cfg.n_local, cfg.cache_capacity, chunked=True),
+                 "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity, chunked=True),
+                 "full": lambda: KVCache(L)}[cfg.stream]
     t0 = time.time()
     if saved.dataset == "recall":
         if cfg.stream != "full":

@@ -185,7 +185,8 @@ def test_stream_in_chunks_equals_a_token_a_forward_with_two_layers(kind):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=8, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
     stream = torch.randint(0, 8, (150,), generator=torch.Generator().manual_seed(5))
-    new = lambda: SepCache(2, SEP, 2, 3, 4, 14) if kind == "sepcache" else SinkCache(2, 2, 14)  # noqa: E731
+    new = lambda: (SepCache(2, SEP, 2, 3, 4, 14, chunked=True) if kind == "sepcache"  # noqa: E731
+                   else SinkCache(2, 2, 14, chunked=True))
     nll, kv, pred = stream_nll(model, stream, new())
     cache, expect, lengths = new(), [], []
     with torch.no_grad():
@@ -207,7 +208,7 @@ def test_stream_perplexity_equals_a_direct_computation(kind):
     model = GPT(GPTConfig(vocab_size=8, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     stream = torch.randint(0, 8, (120,), generator=torch.Generator().manual_seed(5))
     a, s, w, c = 2, 3, 4, 14
-    cache = SepCache(1, SEP, a, s, w, c) if kind == "sepcache" else SinkCache(1, a, c)
+    cache = SepCache(1, SEP, a, s, w, c, chunked=True) if kind == "sepcache" else SinkCache(1, a, c, chunked=True)
     nll, kv, pred = stream_nll(model, stream, cache)
     kept = simulate(stream.tolist(), SEP, a, s, w, c) if kind == "sepcache" else sink_simulate(len(stream), a, c)
     expect = []
