@@ -275,7 +275,9 @@ UL_VARIANTS = (  # name, flags on top of UNLEARN, seeds, what it changes (LightG
     ("pre10", ["--pre_epochs=10", "--redraw_every=1", "--lambda_ssl=1e-3"], 2,
      "a richer pre-training: 10 random requests (one an epoch) and the SSL term at the paper's 1e-3"),
     ("h0req", ["--h0_all=false"], 1, "H0 on the request's neighbourhood only (--h0_all=false)"),
-    ("ssl", ["--lambda_ssl=1e-3"], 1, "the SSL term at the paper's 1e-3"))
+    ("ssl", ["--lambda_ssl=1e-3"], 1, "the SSL term at the paper's 1e-3"),
+    ("lr0.001", ["--lr=0.001", "--retrain=false"], 1, "pre-training and fine-tuning at lr 1e-3"),
+    ("lr0.02", ["--lr=0.02", "--retrain=false"], 1, "pre-training and fine-tuning at lr 2e-2"))
 
 
 def unlearnrec_runs(quick):
