@@ -52,12 +52,14 @@ class EvalConfig:
     n_init: int = 3
     n_local: int = 64
     layer_windows: str = ""
-    # --stream (n_init = a, n_local = w)
+    # --stream (n_init = a, n_local = w). SepCache keeps w local entries and the new token sees them and itself, while
+    # a training mask's w counts the token itself: --n_local=w-1 shows a model trained with --n_local=w its window
     stream: str = ""                    # sepcache | sink | full: the val split as one stream, a token a step
     stream_repeat: int = 1              # the stream is the val split repeated this many times ...
     stream_tokens: int = 0              # ... cut to this many tokens (0 = all)
     sep_size: int = 64                  # SepCache: separators kept, s
     cache_capacity: int = 800           # SepCache / SinkCache: capacity c
+    cache_positions: str = "cache"      # SepCache / SinkCache RoPE positions: cache (0..S-1, the paper's) | stream
     out_json: str = ""                  # also write the result of --probe_router/--eval_mask/--stream to this file
     overwrite: bool = False             # replace an existing --out_json (without it, an existing file is refused)
 
@@ -155,8 +157,8 @@ def stream_eval(cfg):
     model, tok, saved, device, data = load_trained(cfg)
     L = saved.n_layer
     new_cache = {"sepcache": lambda: SepCache(L, tok.separators(STREAMING_SEPARATORS), cfg.n_init, cfg.sep_size,
-                                              cfg.n_local, cfg.cache_capacity, chunked=True),
-                 "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity, chunked=True),
+                                              cfg.n_local, cfg.cache_capacity, True, cfg.cache_positions),
+                 "sink": lambda: SinkCache(L, cfg.n_init, cfg.cache_capacity, True, cfg.cache_positions),
                  "full": lambda: KVCache(L)}[cfg.stream]
     t0 = time.time()
     if saved.dataset == "recall":
@@ -192,7 +194,8 @@ def check_flags(cfg):
     modes = [m for m in ("sample", "probe_router", "eval_mask", "stream") if getattr(cfg, m)]
     if len(modes) != 1:
         raise UserError("pick exactly one of --sample, --probe_router=..., --eval_mask=..., --stream=...")
-    choices = {"eval_mask": ("", "full", "sepllm", "streaming", "fixed"), "stream": ("", "sepcache", "sink", "full")}
+    choices = {"eval_mask": ("", "full", "sepllm", "streaming", "fixed"), "stream": ("", "sepcache", "sink", "full"),
+               "cache_positions": ("cache", "stream")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)} must be one of {', '.join(a for a in allowed if a)}")
@@ -209,7 +212,7 @@ def check_flags(cfg):
                                                                 "--stream=sepcache"),
         (("layer_windows",), sparse_mask, "--eval_mask=sepllm, streaming or fixed"),
         (("sep_size",), cfg.stream == "sepcache", "--stream=sepcache"),
-        (("cache_capacity",), cfg.stream in ("sepcache", "sink"), "--stream=sepcache or sink"),
+        (("cache_capacity", "cache_positions"), cfg.stream in ("sepcache", "sink"), "--stream=sepcache or sink"),
         (("stream_repeat", "stream_tokens"), cfg.stream, "--stream"),
         (("data_dir", "cache_dir", "out_json"), not cfg.sample, "--probe_router, --eval_mask or --stream"),
         (("overwrite",), cfg.out_json, "--out_json")])

@@ -127,19 +127,28 @@ class SepCache:
     T > 1 new tokens in one forward: by default a sparse prefill (rule (1) among them, as SepLLM's prompt). With
     chunked=True they see each other causally instead, which is what T forwards of one token each would compute
     as long as no compression falls between them: a stream fed in pieces of at most room() tokens gives the same
-    numbers as a token a step, in far fewer forwards (eval_lm.stream_nll)."""
+    numbers as a token a step, in far fewer forwards (eval_lm.stream_nll).
 
-    def __init__(self, n_layer, sep_ids, n_init=4, sep_size=64, local_size=256, capacity=800, chunked=False):
+    The local window holds local_size cached entries and the new token comes on top: a token sees the last
+    local_size tokens and itself, where rule (1)'s w counts itself, so local_size = w - 1 shows it its trained window.
+    positions: "cache" (SepLLM's and StreamingLLM's choice) gives the entries RoPE positions 0..S-1 inside the
+    cache, so they stay within what the model was trained on, but a kept separator then looks closer to the query
+    than it is; "stream" keeps each entry's position in the whole stream, its true distance to the query."""
+
+    def __init__(self, n_layer, sep_ids, n_init=4, sep_size=64, local_size=256, capacity=800, chunked=False,
+                 positions="cache"):
         if n_init + sep_size + local_size >= capacity:
             raise ValueError(f"capacity={capacity} must exceed n_init + sep_size + local_size = "
                              f"{n_init + sep_size + local_size}")
+        if positions not in ("cache", "stream"):
+            raise ValueError(f"positions must be cache or stream, got {positions!r}")
         self.n_layer, self.sep_ids = n_layer, list(sep_ids)
         self.a, self.s, self.w, self.c = n_init, sep_size, local_size, capacity
         self.k, self.v = [None] * n_layer, [None] * n_layer
         self.ids = torch.zeros(0, dtype=torch.long)      # token id of each cached entry
         self.stream_pos = torch.zeros(0, dtype=torch.long)  # position of each entry in the whole stream
         self.seen = 0                                     # tokens of the stream so far
-        self.chunked = chunked
+        self.chunked, self.positions = chunked, positions
 
     def __len__(self):
         return len(self.ids)
@@ -189,6 +198,8 @@ class SepCache:
         among = (torch.ones(T, T, dtype=torch.bool, device=device).tril()[None] if self.chunked else
                  keep_mask(kept, 0, self.w))
         mask = torch.cat([torch.ones(1, T, old, dtype=torch.bool, device=device), among], 2)
+        if self.positions == "stream":      # RoPE at the positions in the stream: true distances
+            return new_pos.to(device), self.stream_pos.to(device), mask
         # RoPE with positions inside the cache: keys 0..S-1, the new queries the last T of them
         return torch.arange(old, S, device=device), torch.arange(S, device=device), mask
 
@@ -203,8 +214,8 @@ class SepCache:
 class SinkCache(SepCache):
     """StreamingLLM: keep the first a tokens and the most recent c − a."""
 
-    def __init__(self, n_layer, n_init=4, capacity=800, chunked=False):
-        super().__init__(n_layer, [], n_init, 0, capacity - n_init - 1, capacity, chunked)
+    def __init__(self, n_layer, n_init=4, capacity=800, chunked=False, positions="cache"):
+        super().__init__(n_layer, [], n_init, 0, capacity - n_init - 1, capacity, chunked, positions)
 
     def keep_on_overflow(self, T):
         n = len(self)

@@ -178,15 +178,16 @@ def test_streaming_10k_tokens_keeps_memory_bounded():
 
 
 @pytest.mark.parametrize("kind", ["sepcache", "sink"])
-def test_stream_in_chunks_equals_a_token_a_forward_with_two_layers(kind):
+@pytest.mark.parametrize("positions", ["cache", "stream"])
+def test_stream_in_chunks_equals_a_token_a_forward_with_two_layers(kind, positions):
     """eval_lm feeds an evicting cache the tokens up to its next compression at once; with two layers (a cached
     key of layer 2 depends on what its token saw) that must equal decoding one token a forward, step by step."""
     from eval_lm import stream_nll
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=8, block_size=32, n_layer=2, n_head=2, n_embd=16)).eval()
     stream = torch.randint(0, 8, (150,), generator=torch.Generator().manual_seed(5))
-    new = lambda: (SepCache(2, SEP, 2, 3, 4, 14, chunked=True) if kind == "sepcache"  # noqa: E731
-                   else SinkCache(2, 2, 14, chunked=True))
+    new = lambda: (SepCache(2, SEP, 2, 3, 4, 14, chunked=True, positions=positions) if kind == "sepcache"  # noqa
+                   else SinkCache(2, 2, 14, chunked=True, positions=positions))
     nll, kv, pred = stream_nll(model, stream, new())
     cache, expect, lengths = new(), [], []
     with torch.no_grad():
@@ -198,24 +199,61 @@ def test_stream_in_chunks_equals_a_token_a_forward_with_two_layers(kind):
     assert kv.tolist() == lengths and lengths.count(14) > 10
 
 
+class AtPositions:
+    """gpt.py's cache interface for one causal forward of a few tokens at the given RoPE positions (no storage)."""
+
+    def __init__(self, pos):
+        self.pos = torch.tensor(pos)
+
+    def start(self, idx):
+        return self.pos, self.pos, torch.ones(1, len(self.pos), len(self.pos), dtype=torch.bool).tril()
+
+    def update(self, layer, k, v):
+        return k, v
+
+
 @pytest.mark.parametrize("kind", ["sepcache", "sink"])
-def test_stream_perplexity_equals_a_direct_computation(kind):
+@pytest.mark.parametrize("positions", ["cache", "stream"])
+def test_stream_perplexity_equals_a_direct_computation(kind, positions):
     """eval_lm's streaming NLL against a forward of the kept tokens written out: with one layer a cached key
     depends on its token only, so each step's logits equal a plain causal forward over the tokens the rule keeps
-    (positions 0..S-1 inside the cache, the new token last)."""
+    (the new token last), at positions 0..S-1 inside the cache or at their positions in the stream."""
     from eval_lm import stream_nll
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=8, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval()
     stream = torch.randint(0, 8, (120,), generator=torch.Generator().manual_seed(5))
     a, s, w, c = 2, 3, 4, 14
-    cache = SepCache(1, SEP, a, s, w, c, chunked=True) if kind == "sepcache" else SinkCache(1, a, c, chunked=True)
+    cache = (SepCache(1, SEP, a, s, w, c, chunked=True, positions=positions) if kind == "sepcache" else
+             SinkCache(1, a, c, chunked=True, positions=positions))
     nll, kv, pred = stream_nll(model, stream, cache)
     kept = simulate(stream.tolist(), SEP, a, s, w, c) if kind == "sepcache" else sink_simulate(len(stream), a, c)
     expect = []
     with torch.no_grad():
         for t, pos in zip(range(len(stream) - 1), kept):
-            logits = model(stream[pos][None]).logits[0, -1]
+            at = AtPositions(pos if positions == "stream" else list(range(len(pos))))
+            logits = model(stream[pos][None], cache=at).logits[0, -1]
             expect.append(torch.nn.functional.cross_entropy(logits, stream[t + 1]).item())
             assert kv[t] == len(pos) and pred[t] == logits.argmax()
     torch.testing.assert_close(nll, torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-5)
     assert (kv == c).sum() > 20   # full many times: it evicted
+
+
+def test_sepcache_window_w_minus_1_shows_a_token_what_rule_1_with_w_shows():
+    """The cache's local window counts cached entries and the new token comes on top, while the mask's w counts the
+    token itself: SepCache(w - 1) at stream positions, once its separator cache is full and it compresses every
+    step, gives a one-layer model exactly the logits of the masked forward with window w (eval_lm's --n_local=3
+    for a model trained with --n_local=4)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=8, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(3, 8, (20,), generator=g)
+    head[[4, 7, 11, 15, 18]] = 1                           # exactly s = 5 separators, all in the first 20 tokens
+    x = torch.cat([head, torch.randint(3, 8, (40,), generator=g)])[None]
+    a, s, w = 2, 5, 4
+    cache = SepCache(1, SEP, a, s, w - 1, a + s + w, positions="stream")
+    with torch.no_grad():
+        masked = model(x, attn_mask=sepllm_mask(x, SEP, a, w)).logits[0]
+        streamed = torch.cat([model(x[:, t:t + 1], cache=cache).logits[0] for t in range(x.shape[1])])
+    steady = slice(30, None)                               # every separator has left the window; compress each step
+    torch.testing.assert_close(streamed[steady], masked[steady], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(streamed[:15], masked[:15])  # before the first compression it sees every token

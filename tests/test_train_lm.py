@@ -434,6 +434,8 @@ def test_flags_without_effect_are_one_clear_error(data_dir):
                       (["--eval_mask=full", "--n_local=8"], "--eval_mask=sepllm, streaming or fixed"),
                       (["--stream=sink", "--n_local=8"], "--stream=sepcache"),
                       (["--stream=full", "--cache_capacity=100"], "--stream=sepcache or sink"),
+                      (["--stream=full", "--cache_positions=stream"], "--stream=sepcache or sink"),
+                      (["--stream=sink", "--cache_positions=abs"], "must be one of cache, stream"),
                       (["--probe_router=all", "--temperature=0.5"], "only with --sample"),
                       (["--eval_mask=sepllm", "--seed=1"], "--sample or --probe_router"),
                       (["--sample", "--data_dir=x"], "--probe_router, --eval_mask or --stream"),
