@@ -84,7 +84,7 @@ def check_flags(cfg):
             raise UserError(f"unknown --{key}={getattr(cfg, key)}; use one of {', '.join(allowed)}")
     for k in ("dim", "batch_size", "epochs", "topk", "eval_every", "patience", "eval_batch", "teacher_layers",
               "mid_layers", "mid_epochs", "student_layers", "round_epochs", "kd_nodes", "kd_triples", "align_pairs",
-              "redraw_every", "sequence"):
+              "redraw_every", "sequence", "snapshots_per_epoch"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k}={getattr(cfg, k)} must be >= 1")
     for k in ("n_layers", "rounds", "mid_topk", "pre_epochs", "enc_layers", "finetune_epochs"):
@@ -128,6 +128,8 @@ def check_flags(cfg):
         (("base", "forget", "encoder", "pre_epochs", "finetune_epochs", "sequence", "lambda_u", "lambda_a",
           "align_tau", "align_pairs", "eta0", "omega", "enc_layers", "h0_all", "lambda_ssl", "ssl_tau"), unlearn,
          f"--method=unlearnrec {method}"),
+        (("snapshots_per_epoch",), unlearn and cfg.finetune_epochs > 0, "--method=unlearnrec and --finetune_epochs "
+                                                                        ">= 1"),
         (("retrain",), unlearn and cfg.forget != "adversarial",
          "--method=unlearnrec with a --forget other than adversarial (its retrained model is the clean --base)"),
         (("pre_frac", "redraw_every"), unlearn and (not cfg.encoder or cfg.pretrain_control) and cfg.pre_epochs > 0,

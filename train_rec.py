@@ -86,6 +86,7 @@ class RecConfig:
     pre_frac: float = 0.1               # size of a random request, as a share of the training edges
     redraw_every: int = 2               # epochs between random requests
     finetune_epochs: int = 2            # on the real request (UnlearnRec and fine-tune-only alike)
+    snapshots_per_epoch: int = 1        # also score both after every 1/k of an epoch (1: after each whole epoch)
     sequence: int = 1                   # --forget=<fraction>: this many requests, each from the last unlearned model
     retrain: bool = True                # also retrain from scratch without the request edges (the reference)
     pretrain_control: bool = False      # also fine-tune-only from an E0 pre-trained like the encoder (same requests)

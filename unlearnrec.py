@@ -37,8 +37,9 @@ fine-tuning call, not per step; L_align uses at most `align_pairs` pairs of a ba
 start from the pre-trained encoder and add only what the request changes: the request-independent part
 Δ(∅) = MLP(code of no request) (MLP(H0) with h0_all) is in the previous request's E0' already, so request k > 1
 gives E0'_k = E0'_{k-1} + Δ(request k) − Δ(∅); two empty requests leave the embeddings as they are.
-Fine-tuning budgets: the pipeline also scores each method after 0 steps, 1 step and every whole epoch before
-the last (snapshots of one fine-tuning; UnlearnRec and fine-tune-only get the same seed: the same batches).
+Fine-tuning budgets: the pipeline also scores each method after 0 steps, 1 step and every whole epoch (or 1/k of
+one) before the last (snapshots of one fine-tuning; UnlearnRec and fine-tune-only get the same seed: the same
+batches).
 
     python train_rec.py --method=unlearnrec --base=RUN/ckpt_best.pt --forget=0.01 --dataset=ml-1m --data_dir=DIR
 """
@@ -345,6 +346,15 @@ def fine_tune(corrector, base, E0, E_L, requests, data, train_r, self_loops, fit
     return (*now(state["train_seconds"]), {k: v for k, v in taken.items() if k < step})
 
 
+def snapshot_budgets(per_epoch, epochs, k=1):
+    """The smaller budgets, scored as snapshots of the same fine-tuning: {optimizer steps: label} for 0 steps, 1 step
+    and every 1/k of an epoch before the end (k = 1: each whole epoch before the last)."""
+    out = {0: "0 steps", 1: "1 step"}
+    for q in range(1, k * epochs):
+        out.setdefault(round(q * per_epoch / k), f"{q / k:g} epoch{'s' * (q > k)}")
+    return out
+
+
 def pretrain(corrector, base, E0, E_L, data, self_loops, fit, cfg, rng, name="pretrain"):
     """Pre-train the encoder (or, as a control, FineTuneOnly's E0) on random requests (pre_frac of the training
     edges, redrawn every redraw_every epochs). Returns the training seconds."""
@@ -421,10 +431,8 @@ def unlearn_pipeline(cfg, data, base, base_seconds, self_loops, fit, train_base,
         data_r = replace(data, train=train_r)
         print(f"request {k + 1}/{cfg.sequence}: unlearning {len(requests)} of {len(train)} training edges")
         rows = [row("base", data_r, E_L, base_seconds, requests)] if k == 0 else []
-        # the smaller budgets, as snapshots of the same fine-tuning: 0 steps, 1 step, each whole epoch before the last
         per_epoch = -(-len(train_r) // cfg.batch_size)
-        budgets = {0: "0 steps", 1: "1 step", **{e * per_epoch: f"{e} epoch{'s' * (e > 1)}"
-                                                 for e in range(1, cfg.finetune_epochs)}}
+        budgets = snapshot_budgets(per_epoch, cfg.finetune_epochs, cfg.snapshots_per_epoch)
         seed = int(rng_pre.integers(2 ** 31))       # paired: both methods see the same batches and negatives
         for name, (E0_k, E_L_k) in chains.items():
             if name == "unlearnrec":

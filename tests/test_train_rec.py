@@ -122,6 +122,7 @@ def test_unlearnrec_pipeline_and_its_errors(data_dir):
     for args, msg in (([f"--forget={data_dir / 'bad.txt'}"], "bad.txt:2: unknown user 99"),
                       (["--forget=adversarial", f"--encoder={out}/encoder_pretrained.pt"], "another config"),
                       (["--forget=1.5"], "must be in (0, 1)"),
+                      (["--forget=0.1", "--snapshots_per_epoch=0"], "--snapshots_per_epoch=0 must be >= 1"),
                       (["--forget=adversarial", "--sequence=2"], "needs --forget=<fraction>"),
                       ([], "needs --base")):
         r = run(data_dir, f"--out_dir={out}", "--method=unlearnrec", *([f"--base={base}/ckpt_best.pt"] if args else []),
@@ -266,7 +267,9 @@ def test_a_flag_without_effect_is_one_error_naming_what_makes_it_count(data_dir)
                       (["--cache_dir=/tmp/x"], "no --data_dir"),
                       (["--method=lightgnn", "--resume"], "--method=lightgcn"),
                       (["--method=unlearnrec", "--base=b.pt", "--forget=0.1", "--pre_epochs=0",
-                        "--pretrain_control"], "--pre_epochs >= 1")):
+                        "--pretrain_control"], "--pre_epochs >= 1"),
+                      (["--method=unlearnrec", "--base=b.pt", "--forget=0.1", "--finetune_epochs=0",
+                        "--snapshots_per_epoch=4"], "--finetune_epochs >= 1")):
         flag = args[-1].split("=")[0]
         one_line_error(run(data_dir, f"--out_dir={out}", "--epochs=2", *args), f"error: {flag}=", "has no effect", fix)
     assert not out.exists()

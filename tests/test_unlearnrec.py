@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from lightgcn import DataError, Graph, Interactions, LightGCN, bpr_loss, evaluate
 from unlearnrec import (FineTuneOnly, InfluenceEncoder, align_loss, auc, fine_tune, held_out_pairs, least_liked_items,
                         membership_auc, never_seen_pairs, random_requests, read_requests, remove_edges,
-                        request_adjacency, score_report, ssl_loss, unlearn_loss, unlearn_pipeline)
+                        request_adjacency, score_report, snapshot_budgets, ssl_loss, unlearn_loss, unlearn_pipeline)
 
 EDGES = np.array([[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 1], [2, 3], [3, 3]])  # 4 users, 4 items
 NU, NI = 4, 4
@@ -327,6 +327,22 @@ def test_budget_snapshots_are_what_that_budget_trains_and_both_methods_see_the_s
     assert [n for n, _ in seeds] == ["unlearnrec1", "fine-tune-only1"] and seeds[0][1] == seeds[1][1]
 
 
+def test_snapshots_every_fraction_of_an_epoch(monkeypatch):
+    assert snapshot_budgets(80, 2) == {0: "0 steps", 1: "1 step", 80: "1 epoch"}
+    assert snapshot_budgets(80, 2, 4) == {0: "0 steps", 1: "1 step", 20: "0.25 epoch", 40: "0.5 epoch",
+                                          60: "0.75 epoch", 80: "1 epoch", 100: "1.25 epochs", 120: "1.5 epochs",
+                                          140: "1.75 epochs"}
+    assert snapshot_budgets(3, 1, 4) == {0: "0 steps", 1: "1 step", 2: "0.5 epoch"}  # 0.25 epoch = 1 step
+    monkeypatch.setattr(Cfg, "snapshots_per_epoch", 2)
+    _, _, out, _ = toy_pipeline(sequence=1, retrain=False, pre_epochs=0)
+    rows = {r["model"]: r.get("steps") for r in out["steps"][0]["rows"]}
+    n = rows["unlearnrec"] // 2                            # finetune_epochs = 2: steps of one epoch
+    for method in ("unlearnrec", "fine-tune-only"):
+        assert [(m, k) for m, k in rows.items() if m.startswith(method + " @")] == [
+            (f"{method} @ 0 steps", 0), (f"{method} @ 1 step", 1), (f"{method} @ 0.5 epoch", round(n / 2)),
+            (f"{method} @ 1 epoch", n), (f"{method} @ 1.5 epochs", round(3 * n / 2))]
+
+
 def test_pretrained_control_sees_the_encoders_random_requests_and_starts_from_its_own_pretraining(monkeypatch):
     import unlearnrec
     calls, real = [], unlearnrec.fine_tune
@@ -420,7 +436,7 @@ def simple_fit(stage):
 
 class Cfg:
     forget, sequence, retrain, seed, batch_size, pretrain_control = "0.1", 2, True, 0, 64, False
-    pre_epochs, pre_frac, redraw_every, finetune_epochs = 2, 0.1, 1, 2
+    pre_epochs, pre_frac, redraw_every, finetune_epochs, snapshots_per_epoch = 2, 0.1, 1, 2, 1
     lambda_u, lambda_a, align_tau, align_pairs, lambda_ssl, ssl_tau = 1.0, 0.01, 1.0, 64, 0.0, 0.2
     decay, eta0, omega, enc_layers, h0_all = 1e-4, 2e-3, 0.1, 2, True
 
