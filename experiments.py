@@ -193,21 +193,40 @@ RECALL_SEEDS = (1337, 1338, 1339, 1340)
 POST = ["--lr=5e-4", "--min_lr=5e-4", "--max_iters=1500", "--warmup_iters=20", "--eval_interval=100",
         "--init_from={dir}/full_s{seed}/ckpt_best.pt"]
 SEPLLM_MASK, STREAMING_MASK = ["--n_init=3", "--n_local=4"], ["--n_init=3", "--n_local=8"]   # kept 0.574 | 0.591
+FIXLLM_MASK = ["--n_init=3", "--n_local=5"]        # every 5th token kept (the paper's k): kept 0.574, as SepLLM
 RECALL_RUNS = [  # run, script, flags ({seed}: the row's seed), label, README answer acc / far (4 seeds)
     ("full", "train_lm.py", RECALL, "full attention", "1.000 / 1.000"),
     ("sepllm_post", "train_lm.py", merge(RECALL, POST, ["--attn_mask=sepllm"], SEPLLM_MASK),
      "SepLLM (a=3, w=4), post-trained from full", "1.000 / 1.000"),
     ("streaming_post", "train_lm.py", merge(RECALL, POST, ["--attn_mask=streaming"], STREAMING_MASK),
      "StreamingLLM (a=3, w=8), post-trained from full", "0.687 / 0.433"),
+    ("fixllm_post", "train_lm.py", merge(RECALL, POST, ["--attn_mask=fixed"], FIXLLM_MASK),
+     "FixLLM (a=3, every 5th, w=5), post-trained from full", "0.882 / 0.827"),
+    ("sepllm_scratch", "train_lm.py", merge(RECALL, ["--attn_mask=sepllm", "--max_iters=10000"], SEPLLM_MASK),
+     "SepLLM (a=3, w=4) from scratch, 10,000 steps", "0.409 / 0.408"),
+    ("sa1", "train_lm.py", merge(RECALL, ["--attn_score=sa"]), "full attention, SA-1 x·softmax(x)", "0.849 / 0.849"),
+    ("sa2", "train_lm.py", merge(RECALL, ["--attn_score=sa_norm"]), "full attention, SA-2 normalised", "1.000 / 1.000"),
     ("free_sepllm", "eval_lm.py", ["--out_dir={dir}/full_s{seed}", "--eval_mask=sepllm", *SEPLLM_MASK],
      "SepLLM mask on the full checkpoint, training-free", "0.261 / 0.123"),
     ("free_streaming", "eval_lm.py", ["--out_dir={dir}/full_s{seed}", "--eval_mask=streaming", *STREAMING_MASK],
      "StreamingLLM mask on the full checkpoint, training-free", "0.384 / 0.128")]
-CACHES = [  # run, checkpoint, flags, label: the same average KV, 16.0, on the stream of episodes
+RECALL_SWEEP = [  # run, flags, label: SepLLM from scratch at two more learning rates, the first 2 seeds only
+    (f"sepllm_scratch_lr{lr}", merge(RECALL, ["--attn_mask=sepllm", "--max_iters=10000", f"--lr={lr}",
+                                              f"--min_lr={lr}"], SEPLLM_MASK), f"SepLLM from scratch, lr {lr}")
+    for lr in ("1e-3", "2.5e-4")]
+CACHES = [  # run, checkpoint, flags, label: average KV 15-16 on the stream of episodes. SepCache's w counts cached
+    # entries, the new token comes on top: w=3 shows it the 4 tokens of the trained window (n_local=4), w=4 one more
+    ("sepcache_w3", "sepllm_post", ["--stream=sepcache", "--n_init=3", "--sep_size=8", "--n_local=3",
+                                    "--cache_capacity=15"], "SepCache a=3, s=8, w=3, c=15 on post-trained SepLLM"),
     ("sepcache", "sepllm_post", ["--stream=sepcache", "--n_init=3", "--sep_size=8", "--n_local=4",
                                  "--cache_capacity=16"], "SepCache a=3, s=8, w=4, c=16 on post-trained SepLLM"),
     ("sink", "streaming_post", ["--stream=sink", "--n_init=3", "--cache_capacity=16"],
-     "SinkCache a=3, c=16 on post-trained StreamingLLM")]
+     "SinkCache a=3, c=16 on post-trained StreamingLLM"),
+    ("sepcache_at_stream", "sepllm_post", ["--stream=sepcache", "--n_init=3", "--sep_size=8", "--n_local=4",
+                                           "--cache_capacity=16", "--cache_positions=stream"],
+     "SepCache w=4, c=16, RoPE at stream positions"),
+    ("sink_at_stream", "streaming_post", ["--stream=sink", "--n_init=3", "--cache_capacity=16",
+                                          "--cache_positions=stream"], "SinkCache c=16, RoPE at stream positions")]
 
 
 def recall_runs(quick):
@@ -219,6 +238,9 @@ def recall_runs(quick):
                     data=False) for n, script, f, *_ in RECALL_RUNS]
         out += [Run(f"{n}_s{seed}", "eval_lm.py", [f"--out_dir={{dir}}/{ckpt}_s{seed}", *f, "--stream_tokens=3100"],
                     data=False) for n, ckpt, f, _ in CACHES]        # 100 episodes of 31 tokens
+    if not quick:
+        out += [Run(f"{n}_s{seed}", "train_lm.py", f + [f"--seed={seed}"], data=False)
+                for seed in RECALL_SEEDS[:2] for n, f, _ in RECALL_SWEEP]
     return out
 
 
@@ -240,6 +262,11 @@ def recall_show(S, quick):
             for n, _, _, label, readme in RECALL_RUNS])
         md(["streaming: 100 episodes as one stream", "average KV", "answer acc"],
            [(label, mean(n, "average_kv"), mean(n, "answer_acc")) for n, _, _, label in CACHES])
+    if not quick:
+        mean = lambda n, *k: pm([get(S, f"{n}_s{s}", *k) for s in RECALL_SEEDS[:2]])  # noqa: E731
+        print(f"\nSepLLM from scratch at other learning rates, seeds {RECALL_SEEDS[0]} and {RECALL_SEEDS[1]}:")
+        md(["run", "answer acc", "far"], [(label, mean(n, "val_answer_acc"), mean(n, "val_answer_acc_far"))
+                                          for n, _, label in RECALL_SWEEP])
     print("\nNo recall: a random value 0.125; a value of the context about 0.35-0.41.")
 
 
@@ -269,15 +296,22 @@ BASE = ["--batch_size=8192", "--lr=0.01", "--epochs=10", "--eval_every=5", "--pa
 UNLEARN = ["--method=unlearnrec", "--batch_size=8192", "--lr=0.005", "--pre_epochs=4", "--redraw_every=2",
            "--finetune_epochs=2", "--forget=0.01"]
 UL_SEEDS = (2020, 2021, 2022)   # each: the validation split, the base, the request, pre-training, fine-tuning
-UL_VARIANTS = (  # name, flags on top of UNLEARN, seeds, what it changes (LightGCN base of the same seed)
-    ("ctrl", ["--pretrain_control", "--retrain=false"], 2, "fine-tune-only also pre-trained like the encoder "
-     "(--pretrain_control; retraining: the main runs', same request and settings)"),
-    ("pre10", ["--pre_epochs=10", "--redraw_every=1", "--lambda_ssl=1e-3"], 2,
+UL_VARIANTS = (  # name, base model, flags on top of UNLEARN, seeds, what it changes (the base of the same seed;
+    # retraining, where a variant does not retrain: the main run's of the same seed, same request and settings)
+    ("ctrl", "lightgcn", ["--pretrain_control", "--retrain=false"], 2,
+     "fine-tune-only also pre-trained like the encoder (--pretrain_control)"),
+    ("pre10", "lightgcn", ["--pre_epochs=10", "--redraw_every=1", "--lambda_ssl=1e-3"], 2,
      "a richer pre-training: 10 random requests (one an epoch) and the SSL term at the paper's 1e-3"),
-    ("h0req", ["--h0_all=false"], 1, "H0 on the request's neighbourhood only (--h0_all=false)"),
-    ("ssl", ["--lambda_ssl=1e-3"], 1, "the SSL term at the paper's 1e-3"),
-    ("lr0.001", ["--lr=0.001", "--retrain=false"], 1, "pre-training and fine-tuning at lr 1e-3"),
-    ("lr0.02", ["--lr=0.02", "--retrain=false"], 1, "pre-training and fine-tuning at lr 2e-2"))
+    ("h0req", "lightgcn", ["--h0_all=false"], 1, "H0 on the request's neighbourhood only (--h0_all=false)"),
+    ("ssl", "lightgcn", ["--lambda_ssl=1e-3"], 1, "the SSL term at the paper's 1e-3"),
+    ("lr0.001", "lightgcn", ["--lr=0.001", "--retrain=false"], 3, "pre-training and fine-tuning at lr 1e-3"),
+    ("lr0.02", "lightgcn", ["--lr=0.02", "--retrain=false"], 1, "pre-training and fine-tuning at lr 2e-2"),
+    ("lr0.001", "mf", ["--lr=0.001", "--retrain=false"], 2, "pre-training and fine-tuning at lr 1e-3"),
+    ("lr0.02", "mf", ["--lr=0.02", "--retrain=false"], 1, "pre-training and fine-tuning at lr 2e-2"),
+    ("q4", "lightgcn", ["--snapshots_per_epoch=4", "--retrain=false"], 1, "scored every quarter epoch"),
+    ("q4", "mf", ["--snapshots_per_epoch=4", "--retrain=false"], 1, "scored every quarter epoch"),
+    ("lr0.001_q4", "mf", ["--lr=0.001", "--snapshots_per_epoch=4", "--retrain=false"], 1,
+     "lr 1e-3, scored every quarter epoch"))
 
 
 def unlearnrec_runs(quick):
@@ -287,12 +321,14 @@ def unlearnrec_runs(quick):
     runs = [r for model in ("lightgcn", "mf") for s in seeds for r in (
         Run(f"base_{model}_s{s}", "train_rec.py", data + BASE + [f"--model={model}", f"--seed={s}"]),
         ul(f"ul_{model}_s{s}", f"base_{model}_s{s}", s))]
-    runs += [ul(f"ul_lightgcn_{v}_s{s}", f"base_lightgcn_s{s}", s, more) for v, more, n, _ in UL_VARIANTS
+    runs += [ul(f"ul_{model}_{v}_s{s}", f"base_{model}_s{s}", s, more) for v, model, more, n, _ in UL_VARIANTS
              for s in seeds[:n]]
     if not quick:    # a base trained to validation early stopping (so is its retraining); 5 fine-tuning epochs
         runs += [r for s in UL_SEEDS[:2] for r in (
             Run(f"base_conv_s{s}", "train_rec.py", data + merge(BASE, ["--epochs=100", f"--seed={s}"])),
             ul(f"ul_conv_s{s}", f"base_conv_s{s}", s, ["--finetune_epochs=5"]))]
+        # seed 2020 again, scored every quarter epoch, alone on the machine: its seconds per epoch compare
+        runs += [ul("ul_conv_q4_s2020", "base_conv_s2020", 2020, ["--finetune_epochs=5", "--snapshots_per_epoch=4"])]
     return runs
 
 
@@ -322,11 +358,12 @@ def unlearnrec_show(S, quick):
     seeds = UL_SEEDS[:1 if quick else 3]
     for model in ("lightgcn", "mf"):
         ul_table(S, f"{model} base (10 epochs)", [f"ul_{model}_s{s}" for s in seeds])
-    for v, _, n, about in UL_VARIANTS:
-        ul_table(S, f"lightgcn base, {about}", [f"ul_lightgcn_{v}_s{s}" for s in seeds[:n]],
-                 [f"ul_lightgcn_s{s}" for s in seeds[:n]])
+    for v, model, _, n, about in UL_VARIANTS:
+        ul_table(S, f"{model} base, {about}", [f"ul_{model}_{v}_s{s}" for s in seeds[:n]],
+                 [f"ul_{model}_s{s}" for s in seeds[:n]])
     if not quick:
         ul_table(S, "lightgcn base trained to early stopping, retraining too", [f"ul_conv_s{s}" for s in UL_SEEDS[:2]])
+        ul_table(S, "the same, seed 2020, every quarter epoch, run alone", ["ul_conv_q4_s2020"])
 
 
 STAGES = ["--teacher={dir}/stages/teacher/ckpt_best.pt", "--intermediate={dir}/stages/intermediate/ckpt_best.pt"]
@@ -400,8 +437,9 @@ TABLES = {
     "sepllm": Table("SepLLM on GPT-2 BPE Shakespeare: trained, training-free, streaming (SepCache / SinkCache)",
                     "1.5 h", "2.5 min", sepllm_runs, sepllm_show, "separators carry their segment: SepLLM matches "
                     "full attention with less KV and beats StreamingLLM", SEPLLM_QUICK),
-    "recall": Table("SepLLM on the associative-recall task: post-training, training-free, streaming, 4 seeds",
-                    "25 min", "7 min", recall_runs, recall_show, "a segment's information is compressed into its separator"),
+    "recall": Table("SepLLM on the associative-recall task: post-training, from scratch, FixLLM, SA-1/SA-2, "
+                    "training-free, streaming, 4 seeds", "1.9 h", "17 min", recall_runs, recall_show,
+                    "a segment's information is compressed into its separator"),
     "lightgcn": Table("LightGCN: latest-small and ml-1m runs, epoch benchmark vs the reference's way", "40 min",
                       "1.3 min", lightgcn_runs, lightgcn_show, "the reference code spends most of an epoch sampling "
                       "in Python", LIGHTGCN_QUICK),
@@ -409,7 +447,7 @@ TABLES = {
                       "2 h", "2.5 min", lightgnn_runs, lightgnn_show, "80 % fewer edges and 90 % fewer embedding "
                       "entries at the teacher's accuracy"),
     "unlearnrec": Table("UnlearnRec on ml-1m (quick: latest-small): 1 % requests, fine-tuning budgets 0 steps to 2 "
-                        "epochs, paired with fine-tune-only; LightGCN and MF bases, 3 seeds; variants", "2 h", "4 min",
+                        "epochs, paired with fine-tune-only; LightGCN and MF bases, 3 seeds; variants", "2.6 h", "5 min",
                         unlearnrec_runs, unlearnrec_show, "> 10x faster than retraining, with retraining's accuracy"),
     "kernels": Table("MoE dispatch and SepLLM attention benchmarks (bench_kernels.py)", "5 min", "0.7 min",
                      kernels_runs, kernels_show, "(none: this project's kernels against PyTorch)"),
